@@ -1,0 +1,73 @@
+"""The `t5lite` command: `t5lite <verb> [flags]`.
+
+Each verb lives in its own module `t5lite.commands.<verb>` that defines its absl flags and a
+`main(argv)` function; this dispatcher imports only the verb that was asked for, so `t5lite data`
+never pays for importing the trainer and vice versa.
+
+Example::
+
+    t5lite train --gin_file=gin/demo.gin --model_dir=runs/demo
+    t5lite data --task=demo_ul2 --num=3
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from t5lite.errors import UserError
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("t5lite.commands.train", "train a model from gin files into --model_dir"),
+    "eval": ("t5lite.commands.eval", "evaluate the latest checkpoint in --model_dir"),
+    "infer": ("t5lite.commands.infer", "decode text with a trained model"),
+    "data": ("t5lite.commands.data", "show what the model will see for a SeqIO task"),
+    "vocab": ("t5lite.commands.vocab", "train a SentencePiece vocabulary"),
+    "import": ("t5lite.commands.import_model", "import a Hugging Face T5 checkpoint"),
+    "export": ("t5lite.commands.export_model", "export a model dir to Hugging Face transformers"),
+    "info": ("t5lite.commands.info", "print parameter shapes, axes and counts of a gin model config"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: t5lite <verb> [--flags]", "", "verbs:"]
+    for verb, (_, text) in VERBS.items():
+        lines.append(f"  {verb:<8} {text}")
+    lines.append("")
+    lines.append("`t5lite <verb> --help` lists the verb's flags.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    verb = argv[1]
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}.\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    module_name, _ = VERBS[verb]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"error: `t5lite {verb}` is not available in this build.", file=sys.stderr)
+            sys.exit(2)
+        raise
+    from absl import app
+
+    def run_verb(verb_argv: list[str]) -> None:
+        try:
+            module.main(verb_argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(run_verb, argv=[f"t5lite {verb}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()
