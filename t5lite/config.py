@@ -196,3 +196,18 @@ class ModelConfig:
         if self.attention_impl not in _ATTENTION_IMPLS:
             fail(f"attention_impl={self.attention_impl!r} is unknown; use one of "
                  f"{_ATTENTION_IMPLS}.")
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    """Plain-JSON form of a ModelConfig (what `model_config.json` in a model dir holds)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """Inverse of `config_to_dict`; unknown keys are an error that names them."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"ModelConfig: unknown field(s) {unknown}; known fields are "
+                          f"{sorted(known)}.")
+    return ModelConfig(**values)
