@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(run_verb, argv=[f"t5lite {verb}"] + argv[2:])
+    from t5lite.commands import gin_setup
+
+    rest, gin_setup.COMMAND_LINE_BINDINGS[:] = gin_setup.split_gin_overrides(argv[2:])
+    app.run(run_verb, argv=[f"t5lite {verb}"] + rest)
 
 
 if __name__ == "__main__":
