@@ -1,0 +1,191 @@
+"""Pure step functions: init, train step (with gradient accumulation) and eval step.
+
+These functions know nothing about meshes, files or loops; `t5lite.train.loop` jits them with
+explicit shardings. The model enters as an `ApplyFn`: `(params, batch, dropout_key) -> (logits,
+aux)` where `params` is the pure dict of the model's parameters and `dropout_key` is None for
+deterministic evaluation.
+
+Loss normalisation: the loss of a step is `sum over all target tokens of the global batch of the
+token loss / number of target tokens of the global batch` (+ the MoE auxiliary losses). With
+`microbatches = k` the batch is split into k microbatches, each contributes its token-loss sum
+divided by the *global* token count, and the gradients are summed — the same update as one big
+batch, up to floating-point summation order. Microbatch i takes rows i, i+k, i+2k, ... of the
+batch so every data shard contributes to every microbatch (no cross-device shuffling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from t5lite.parallel.rules import constrain
+from t5lite.train.losses import LossConfig, token_loss_sums
+from t5lite.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class ApplyFn(Protocol):
+    def __call__(self, params: Any, batch: Batch,
+                 dropout_key: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+def model_forward(model: Any, batch: Batch, deterministic: bool
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Call an EncoderDecoder (batch has `encoder_input_tokens`) or a DecoderOnly model."""
+    if "encoder_input_tokens" in batch:
+        return model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                     encoder_segment_ids=batch.get("encoder_segment_ids"),
+                     decoder_segment_ids=batch.get("decoder_segment_ids"),
+                     encoder_positions=batch.get("encoder_positions"),
+                     decoder_positions=batch.get("decoder_positions"),
+                     deterministic=deterministic)
+    return model(batch["decoder_input_tokens"],
+                 decoder_segment_ids=batch.get("decoder_segment_ids"),
+                 decoder_positions=batch.get("decoder_positions"),
+                 decoder_causal_attention=batch.get("decoder_causal_attention"),
+                 deterministic=deterministic)
+
+
+def make_apply_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> ApplyFn:
+    """An ApplyFn for an NNX model split as `(graphdef, params, rest)`.
+
+    `rest` is the model's non-parameter state (RNG streams). When a dropout key is given, the
+    model's `dropout` stream (if it has one) is reseeded with it, so dropout depends only on the
+    key the step derives from the checkpointed RNG and step number.
+    """
+    has_dropout_stream = any(
+        getattr(v, "tag", None) == "dropout"
+        for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    def apply(params: Any, batch: Batch, dropout_key: jax.Array | None):
+        model = nnx.merge(graphdef, nnx.State(params), rest)
+        if dropout_key is not None and has_dropout_stream:
+            nnx.reseed(model, dropout=dropout_key)
+        return model_forward(model, batch, deterministic=dropout_key is None)
+
+    return apply
+
+
+def _moe_loss(aux: dict[str, jax.Array]) -> jax.Array:
+    total = jnp.zeros((), jnp.float32)
+    for name in ("moe_aux_loss", "moe_z_loss"):
+        if name in aux:
+            total = total + jnp.asarray(aux[name], jnp.float32)
+    return total
+
+
+def _split_microbatches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...]; microbatch i holds rows i, i+k, i+2k, ..."""
+
+    def one(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        y = x.reshape((b // k, k) + x.shape[1:])
+        y = jnp.swapaxes(y, 0, 1)
+        return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return {name: one(x) for name, x in batch.items()}
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
+                    learning_rate: Callable[[Any], Any], loss_config: LossConfig,
+                    microbatches: int = 1) -> Callable[[TrainState, Batch],
+                                                       tuple[TrainState, Metrics]]:
+    """`step(state, batch) -> (new_state, metrics)`; metrics are global scalars."""
+
+    def loss_fn(params, batch, normalizer, key):
+        logits, aux = apply_fn(params, batch, key)
+        sums = token_loss_sums(logits, batch["decoder_target_tokens"],
+                               batch["decoder_loss_weights"], loss_config)
+        moe = _moe_loss(aux)
+        loss = sums["loss"] / normalizer + moe / microbatches
+        extra = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+        return loss, (sums, extra)
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        weights = batch["decoder_loss_weights"].astype(jnp.float32)
+        normalizer = jnp.maximum(jnp.sum(weights), 1.0)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if microbatches == 1:
+            grads, (sums, aux) = grad_fn(state.params, batch, normalizer, step_key)
+        else:
+            mbs = _split_microbatches(batch, microbatches)
+
+            def body(carry, xs):
+                acc_grads, acc_sums, acc_aux = carry
+                mb, i = xs
+                g, (s, a) = grad_fn(state.params, mb, normalizer,
+                                    jax.random.fold_in(step_key, i))
+                acc_grads = jax.tree.map(jnp.add, acc_grads, g)
+                acc_sums = jax.tree.map(jnp.add, acc_sums, s)
+                acc_aux = jax.tree.map(lambda x, y: x + y / microbatches, acc_aux, a)
+                return (acc_grads, acc_sums, acc_aux), None
+
+            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            abstract = jax.eval_shape(lambda: grad_fn(state.params, first, normalizer,
+                                                      step_key)[1])
+            zeros_s, zeros_a = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+            (grads, sums, aux), _ = jax.lax.scan(
+                body, (zeros_g, zeros_s, zeros_a),
+                (mbs, jnp.arange(microbatches, dtype=jnp.int32)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        weight = jnp.maximum(sums["weight"], 1.0)
+        loss = sums["loss"] / weight + _moe_loss(aux)
+        metrics = {
+            "loss": loss,
+            "cross_entropy": sums["nll"] / weight,
+            "z_loss": sums["z_loss"] / weight,
+            "accuracy": sums["correct"] / weight,
+            "target_tokens": sums["weight"],
+            "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+        }
+        metrics.update(aux)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=state.rng)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(apply_fn: ApplyFn) -> Callable[[Any, Batch], Metrics]:
+    """`eval_step(params, batch) -> sums` (nll, correct, weight): teacher-forced, no dropout."""
+    plain = LossConfig(z_loss=0.0, label_smoothing=0.0)
+
+    def eval_step(params: Any, batch: Batch) -> Metrics:
+        logits, _ = apply_fn(params, batch, None)
+        sums = token_loss_sums(logits, batch["decoder_target_tokens"],
+                               batch["decoder_loss_weights"], plain)
+        return {"nll": sums["nll"], "correct": sums["correct"], "weight": sums["weight"]}
+
+    return eval_step
+
+
+def make_init_fn(build: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                 seed: int) -> Callable[[], tuple[TrainState, nnx.State]]:
+    """`init() -> (TrainState, rest)`: builds the model (params from `build`), the optimiser
+    state and the base RNG. Meant to run under `jax.jit(out_shardings=...)` so the state is born
+    sharded."""
+
+    def init() -> tuple[TrainState, nnx.State]:
+        model = build()
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        pure = nnx.to_pure_dict(params)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=pure,
+                           opt_state=tx.init(pure),
+                           rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+        return state, rest
+
+    return init
