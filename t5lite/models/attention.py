@@ -1,0 +1,98 @@
+"""Multi-head attention (MHA / GQA / MQA) with T5 maths: no 1/sqrt(head_dim) scaling.
+
+Layouts (chosen so that no transposes are needed around the projections):
+  q kernel [embed, heads, kv], k/v kernels [embed, kv_heads, kv], o kernel [heads, kv, embed];
+  activations q [B, T, heads, kv], k/v [B, S, kv_heads, kv].
+
+Masks are boolean, True = may attend, shaped [B|1, 1, T, S]; the bias (T5 relative positions)
+is float32 [B|1, heads, T, S]. Both are built once per stack and shared by all layers.
+
+Two implementations of the core (`attention_impl` in ModelConfig):
+  "einsum": grouped einsums + float32 softmax, written so that XLA fuses mask, bias and softmax;
+  "xla" / "cudnn" / "auto": `jax.nn.dot_product_attention` with that implementation (None for auto).
+Attention-probability dropout needs the probabilities, so training with dropout always uses the
+einsum core.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite.config import ModelConfig
+from t5lite.models.layers import dropout, make_param, normal
+from t5lite.parallel.rules import constrain
+
+_NEG = -1e9  # large negative logit for masked positions (finite: fully masked rows stay finite)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                   mask: jax.Array | None, impl: str = "einsum", dropout_rate: float = 0.0,
+                   dropout_key: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T + bias, masked) v for q [B,T,N,H], k/v [B,S,K,H] (N % K == 0).
+
+    Returns [B, T, N, H] in q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    use_probs_dropout = dropout_key is not None and dropout_rate > 0.0
+    if impl != "einsum" and not use_probs_dropout:
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=1.0,
+            implementation=None if impl == "auto" else impl)
+    groups = num_heads // kv_heads
+    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = dropout(probs, dropout_rate, dropout_key)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    """Projections + core. Used for self-attention (keys from x) and cross-attention (keys
+    from the encoder output, possibly precomputed once per request)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, kvh, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        pd = cfg.params_dtype
+        # T5 initialisation (the missing 1/sqrt(head_dim) of the logits lives in q's init)
+        self.q = make_param(rngs, normal((d * h) ** -0.5), (d, n, h), ("embed", "heads", "kv"), pd)
+        self.k = make_param(rngs, normal(d ** -0.5), (d, kvh, h), ("embed", "kv_heads", "kv"), pd)
+        self.v = make_param(rngs, normal(d ** -0.5), (d, kvh, h), ("embed", "kv_heads", "kv"), pd)
+        self.o = make_param(rngs, normal((n * h) ** -0.5), (n, h, d), ("heads", "kv", "embed"), pd)
+        self.dtype = cfg.compute_dtype
+        self.impl = cfg.attention_impl
+        self.dropout_rate = cfg.dropout_rate
+
+    def query(self, x: jax.Array) -> jax.Array:
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(self.dtype))
+        return constrain(q, ("batch", "length", "heads", "kv"))
+
+    def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k = jnp.einsum("bsd,dkh->bskh", x, self.k[...].astype(self.dtype))
+        v = jnp.einsum("bsd,dkh->bskh", x, self.v[...].astype(self.dtype))
+        return (constrain(k, ("batch", "length", "heads", "kv")),
+                constrain(v, ("batch", "length", "heads", "kv")))
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        out = jnp.einsum("btnh,nhd->btd", attended, self.o[...].astype(self.dtype))
+        return constrain(out, ("batch", "length", "embed"))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+               mask: jax.Array | None, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Core attention then output projection: [B, T, embed]."""
+        attended = attention_core(q, k, v, bias=bias, mask=mask, impl=self.impl,
+                                  dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+        return self.output(attended)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write new [B, 1, K, H] into cache [B, M, K, H] at per-row positions [B]."""
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(
+        cache, new.astype(cache.dtype), positions)

@@ -1,0 +1,239 @@
+"""Transformer layers and layer stacks (scanned or unrolled) shared by both architectures.
+
+A `Context` carries what every layer of a stack shares: the attention mask and the relative
+position bias (computed once per stack), RoPE positions, the cross-attention mask, the token
+mask used by MoE routing, and for incremental decoding the per-row write positions.
+
+Stacks hold their layers either
+  * scanned (`scan_layers=True`): one module whose parameters carry a leading `layers` axis,
+    built with `nnx.vmap` and run with `jax.lax.scan` (one compiled layer, fast compiles); when
+    MoE layers alternate with dense ones (moe_layer_period p > 1) the scanned unit is a group
+    of p consecutive layers;
+  * unrolled: an `nnx.List` of layers (parameter paths `layers.<i>.…`).
+Both give identical outputs for identical weights (`t5lite.models.layout` converts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from t5lite.config import ModelConfig
+from t5lite.models.attention import Attention, write_cache
+from t5lite.models.layers import RMSNorm, dropout, split_key
+from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
+from t5lite.models.positions import RelativePositionBias, apply_rope
+
+Stats = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class Context:
+    """Per-call values shared by all layers of a stack (see module docstring).
+
+    self_mask   bool [B|1, 1, T, S]   True = query t may attend to key s
+    self_bias   f32 [B|1, heads, T, S] or None (RoPE models)
+    positions   int [B|1, T]          positions of the queries (RoPE)
+    cross_mask  bool [B|1, 1, T, S_enc] (decoder of an encoder-decoder)
+    token_mask  [B, T] or None         1 = real token (MoE routing ignores the others)
+    encoded     [B, S_enc, D] or None  encoder output (teacher-forced decoding)
+    write_positions int [B] or None    incremental decoding: where each row's new K/V goes
+    """
+
+    self_mask: jax.Array | None
+    self_bias: jax.Array | None = None
+    positions: jax.Array | None = None
+    cross_mask: jax.Array | None = None
+    token_mask: jax.Array | None = None
+    encoded: jax.Array | None = None
+    write_positions: jax.Array | None = None
+
+
+def add_stats(a: Stats, b: Stats) -> Stats:
+    return {name: a[name] + b[name] for name in STAT_NAMES}
+
+
+class Layer(nnx.Module):
+    """One pre-norm layer: self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool, moe: bool, rngs: nnx.Rngs):
+        dt, pd = cfg.compute_dtype, cfg.params_dtype
+        self.pre_self_attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps, dt, pd, rngs=rngs)
+        self.self_attention = Attention(cfg, rngs=rngs)
+        if cross_attention:
+            self.pre_cross_attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps, dt, pd,
+                                                    rngs=rngs)
+            self.cross_attention = Attention(cfg, rngs=rngs)
+        self.has_cross = cross_attention
+        self.pre_mlp_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps, dt, pd, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+        self.rope_theta = cfg.rope_theta if cfg.position_scheme == "rope" else None
+        self.dropout_rate = cfg.dropout_rate
+
+    def __call__(self, x: jax.Array, ctx: Context, key: jax.Array | None,
+                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cross_kv: tuple[jax.Array, jax.Array] | None = None):
+        """Returns (x, stats, (k, v)) where (k, v) are this call's self-attention keys/values
+        (RoPE applied) for the caller to cache. With `cache` (this layer's [B, M, K, H] K/V),
+        x holds one new position per row (ctx.write_positions) and attends over the cache with
+        the new entries written in; otherwise attention is over this call's positions.
+        `cross_kv` are precomputed cross-attention keys/values (else computed from
+        ctx.encoded)."""
+        keys = split_key(key, 6)
+        rate = self.dropout_rate
+        # self-attention
+        h = self.pre_self_attention_norm(x)
+        attn = self.self_attention
+        q = attn.query(h)
+        k, v = attn.key_value(h)
+        if self.rope_theta is not None:
+            q = apply_rope(q, ctx.positions, self.rope_theta)
+            k = apply_rope(k, ctx.positions, self.rope_theta)
+        fresh = (k, v)
+        if cache is not None:
+            k = write_cache(cache[0], k, ctx.write_positions)
+            v = write_cache(cache[1], v, ctx.write_positions)
+        out = attn.attend(q, k, v, ctx.self_bias, ctx.self_mask, keys[0])
+        out = checkpoint_name(out, "attention_out")
+        x = x + dropout(out, rate, keys[1])
+        # cross-attention (no position bias)
+        if self.has_cross:
+            h = self.pre_cross_attention_norm(x)
+            cattn = self.cross_attention
+            q = cattn.query(h)
+            ck, cv = cross_kv if cross_kv is not None else cattn.key_value(ctx.encoded)
+            out = cattn.attend(q, ck, cv, None, ctx.cross_mask, keys[2])
+            x = x + dropout(out, rate, keys[3])
+        # feed-forward
+        h = self.pre_mlp_norm(x)
+        out, stats = self.mlp(h, ctx.token_mask, keys[4])
+        x = x + dropout(out, rate, keys[5])
+        return x, stats, fresh
+
+
+class LayerGroup(nnx.Module):
+    """`period` consecutive layers: the scanned unit when MoE and dense layers alternate."""
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = nnx.List(layers)
+
+
+_REMAT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+# function applied to each layer: (layer, x, per-layer inputs) -> (x, stats, per-layer outputs)
+LayerFn = Callable[[Layer, jax.Array, Any], tuple[jax.Array, Stats, Any]]
+
+
+class Stack(nnx.Module):
+    """Embedding-free layer stack + final norm. kind: "encoder", "decoder" (with
+    cross-attention) or "lm" (decoder-only: self-attention and feed-forward)."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        name = "encoder" if kind == "encoder" else "decoder"
+        self.num_layers = cfg.num_encoder_layers if kind == "encoder" else cfg.num_decoder_layers
+        self.kind = kind
+        if cfg.position_scheme == "relative":
+            self.relpos = RelativePositionBias(
+                cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads,
+                bidirectional=(kind == "encoder"), param_dtype=cfg.params_dtype, rngs=rngs,
+                init_std=cfg.d_model ** -0.5)
+        else:
+            self.relpos = None
+        cross = kind == "decoder"
+        moe_flags = [cfg.is_moe_layer(name, i) for i in range(self.num_layers)]
+        self.period = cfg.moe_layer_period if any(moe_flags) else 1
+        self.scanned = cfg.scan_layers
+        self.remat_policy = cfg.remat_policy
+        if cfg.scan_layers:
+            period = self.period
+
+            def make_unit(r: nnx.Rngs):
+                if period == 1:
+                    return Layer(cfg, cross_attention=cross, moe=moe_flags[0], rngs=r)
+                return LayerGroup([Layer(cfg, cross_attention=cross, moe=moe_flags[j], rngs=r)
+                                   for j in range(period)])
+
+            make = nnx.split_rngs(splits=self.num_layers // period)(
+                nnx.vmap(make_unit, in_axes=(0,), out_axes=0,
+                         transform_metadata={nnx.PARTITION_NAME: "layers"}))
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([Layer(cfg, cross_attention=cross, moe=moe_flags[i], rngs=rngs)
+                                    for i in range(self.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps, cfg.compute_dtype,
+                                  cfg.params_dtype, rngs=rngs)
+
+    def position_bias(self, query_positions: jax.Array, key_positions: jax.Array):
+        """float32 [B|1, heads, q, k] relative position bias, or None with RoPE."""
+        if self.relpos is None:
+            return None
+        return self.relpos(query_positions, key_positions)
+
+    def _maybe_remat(self, fn):
+        if self.remat_policy == "none":
+            return fn
+        return jax.checkpoint(fn, policy=_REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+
+    def run(self, layer_fn: LayerFn, x: jax.Array, per_layer: Any) -> tuple[jax.Array, Stats, Any]:
+        """Apply `layer_fn` layer by layer. `per_layer` is a pytree of arrays with a leading
+        num_layers axis (layer i gets slice i); the per-layer outputs come back stacked the
+        same way. Returns (x, summed stats, stacked outputs)."""
+        num = self.num_layers
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        if not self.scanned:
+            stats, outs = zero_stats(), []
+            for i, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+
+                def one(state, x, xs, graphdef=graphdef):
+                    return layer_fn(nnx.merge(graphdef, state), x, xs)
+
+                x, s, y = self._maybe_remat(one)(state, x, take(per_layer, i))
+                stats = add_stats(stats, s)
+                outs.append(y)
+            stacked = jax.tree.map(lambda *ys: jnp.stack(ys), *outs) if outs else None
+            return x, stats, stacked
+        period = self.period
+        graphdef, state = nnx.split(self.layers)
+        grouped = jax.tree.map(lambda a: a.reshape(num // period, period, *a.shape[1:]),
+                               per_layer)
+
+        def body(carry, inputs):
+            x, stats = carry
+            unit_state, xs = inputs
+            unit = nnx.merge(graphdef, unit_state)
+            layers = [unit] if period == 1 else list(unit.layers)
+            outs = []
+            for j, layer in enumerate(layers):
+                x, s, y = layer_fn(layer, x, take(xs, j))
+                stats = add_stats(stats, s)
+                outs.append(y)
+            return (x, stats), jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+
+        (x, stats), ys = jax.lax.scan(self._maybe_remat(body), (x, zero_stats()),
+                                      (state, grouped))
+        ys = jax.tree.map(lambda a: a.reshape(num, *a.shape[2:]), ys)
+        return x, stats, ys
+
+    def layer_keys(self, key: jax.Array | None) -> jax.Array | None:
+        return None if key is None else jax.random.split(key, self.num_layers)
+
+    def __call__(self, x: jax.Array, ctx: Context, key: jax.Array | None = None):
+        """Full-sequence pass (no cache). Returns (normed output, stats)."""
+        def fn(layer, x, layer_key):
+            x, stats, _ = layer(x, ctx, layer_key)
+            return x, stats, None
+
+        x, stats, _ = self.run(fn, x, self.layer_keys(key))
+        return self.final_norm(x), stats

@@ -1,0 +1,110 @@
+"""`DecoderOnly`: causal language model with an optional bidirectional prefix (prefix-LM).
+
+Inputs follow SeqIO's PrefixLMFeatureConverter / DecoderFeatureConverter: `decoder_input_tokens`
+(targets shifted right), optional packing (`decoder_segment_ids`, `decoder_positions`) and
+`decoder_causal_attention` (1 on the inputs and one extra position: those positions attend to
+each other in both directions; every other position is causal).
+
+Incremental decoding::
+
+    >>> cache = model.init_decode_cache(batch_size=B, max_len=64)
+    >>> logits, cache = model.prefill(prompt, prefix_lengths, cache)   # [B, vocab] at len-1
+    >>> logits, cache = model.decode_step(next_tokens, prefix_lengths, cache)  # per-row step
+
+`prefill` treats prompt positions < prefix_lengths[b] as the bidirectional prefix (pass the
+SeqIO prefix length, i.e. inputs + 1) and ignores the rest of the row (padding). The next
+position to decode for row b is prefix_lengths[b], so `decode_step` accepts a per-row step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite.config import ModelConfig
+from t5lite.errors import UserError
+from t5lite.models.blocks import Context, Stack
+from t5lite.models.encoder_decoder import OutputHead, aux_from_stats, step_through
+from t5lite.models.layers import dropout, split_key
+from t5lite.models.masks import causal_mask, combine, key_padding_mask, prefix_lm_mask, segment_mask
+
+
+class DecoderOnly(OutputHead):
+    """Decoder-only transformer (self-attention + FFN layers), same switches as the encoder-
+    decoder (positions, GQA, GLU, MoE, scan, remat)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.architecture != "decoder_only":
+            raise UserError(f"DecoderOnly needs architecture='decoder_only', got "
+                            f"{cfg.architecture!r}; use EncoderDecoder (or build_model).")
+        self._init_head(cfg, rngs)
+        self.decoder = Stack(cfg, "lm", rngs=rngs)
+
+    def __call__(self, decoder_input_tokens: jax.Array, *,
+                 decoder_segment_ids: jax.Array | None = None,
+                 decoder_positions: jax.Array | None = None,
+                 decoder_causal_attention: jax.Array | None = None, deterministic: bool = True,
+                 dropout_rng: jax.Array | None = None):
+        """(logits float32 [B, T, vocab], aux dict of float32 scalars)."""
+        key = self._dropout_key(deterministic, dropout_rng)
+        k_embed, k_stack, k_out = split_key(key, 3)
+        length = decoder_input_tokens.shape[1]
+        base = (causal_mask(length) if decoder_causal_attention is None
+                else prefix_lm_mask(decoder_causal_attention))
+        seg = (None if decoder_segment_ids is None
+               else segment_mask(decoder_segment_ids, decoder_segment_ids))
+        pos = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
+        ctx = Context(self_mask=combine(base, seg),
+                      self_bias=self.decoder.position_bias(pos, pos), positions=pos,
+                      token_mask=None if decoder_segment_ids is None else decoder_segment_ids != 0)
+        x, stats = self.decoder(self._embed(decoder_input_tokens, k_embed), ctx, k_stack)
+        x = dropout(x, self.config.dropout_rate, k_out)
+        return self.logits(x), aux_from_stats(self.config, stats)
+
+    def init_decode_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+        """Zeroed self-attention cache {"k", "v": [layers, B, max_len, kv_heads, head_dim]}."""
+        cfg = self.config
+        shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+    def prefill(self, tokens: jax.Array, prefix_lengths: jax.Array,
+                cache: dict[str, jax.Array]):
+        """Run the prompt tokens [B, P] (positions < prefix_lengths are the bidirectional
+        prefix, the rest padding), fill cache positions [0, P), and return (float32 logits
+        [B, vocab] at position prefix_lengths - 1, cache)."""
+        batch, length = tokens.shape
+        if length > cache["k"].shape[2]:
+            raise UserError(f"prompt length {length} exceeds the cache length "
+                            f"{cache['k'].shape[2]}; make the cache longer.")
+        prefix_lengths = jnp.broadcast_to(jnp.asarray(prefix_lengths, jnp.int32), (batch,))
+        idx = jnp.arange(length)
+        in_prefix = idx[None, :] < prefix_lengths[:, None]
+        pos = idx[None]
+        ctx = Context(self_mask=combine(prefix_lm_mask(in_prefix), key_padding_mask(in_prefix)),
+                      self_bias=self.decoder.position_bias(pos, pos), positions=pos,
+                      token_mask=in_prefix)
+
+        def fn(layer, carry, index):
+            x, all_k, all_v = carry
+            x, stats, (k, v) = layer(x, ctx, None)
+            all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype),
+                                                 (index, 0, 0, 0, 0))
+            all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype),
+                                                 (index, 0, 0, 0, 0))
+            return (x, all_k, all_v), stats, None
+
+        (x, new_k, new_v), _, _ = self.decoder.run(
+            fn, (self.embed(tokens), cache["k"], cache["v"]), jnp.arange(self.decoder.num_layers))
+        x = self.decoder.final_norm(x)
+        last = jnp.take_along_axis(x, jnp.maximum(prefix_lengths - 1, 0)[:, None, None], axis=1)
+        return self.logits(last)[:, 0], {"k": new_k, "v": new_v}
+
+    def decode_step(self, tokens: jax.Array, step: jax.Array | int,
+                    cache: dict[str, jax.Array]):
+        """tokens int [B] at position `step` (scalar or per row [B]) -> (float32 [B, vocab],
+        updated cache)."""
+        return step_through(self, self.embed(tokens[:, None]), step, cache, None)
+
+
+__all__ = ["DecoderOnly"]

@@ -1,0 +1,238 @@
+"""`EncoderDecoder`: the T5 model (v1.1 by default; original T5, RoPE, GQA, MoE by config).
+
+Inputs follow SeqIO's EncDecFeatureConverter: `encoder_input_tokens`, `decoder_input_tokens`
+(targets shifted right, starting with 0) and, when packed, `*_segment_ids` and `*_positions`.
+Token id 0 is padding in the encoder; in the decoder position 0 holds the start token 0, so
+decoder padding is only known from segment ids (with causal attention, trailing padding never
+influences real positions anyway).
+
+Example::
+
+    >>> model = EncoderDecoder(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    >>> logits, aux = model(enc_tokens, dec_tokens)        # [B, T, vocab] float32
+    >>> encoded = model.encode(enc_tokens)
+    >>> cross = model.precompute_cross_attention(encoded, enc_tokens)
+    >>> cache = model.init_decode_cache(batch_size=B, max_decode_len=T)
+    >>> step_logits, cache = model.decode_step(dec_tokens[:, 0], 0, cache, cross)
+    >>> # step_logits == logits[:, 0]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5lite.config import ModelConfig
+from t5lite.errors import UserError
+from t5lite.models.blocks import Context, Stack, Stats, add_stats
+from t5lite.models.layers import Embed, dropout, make_param, normal, split_key
+from t5lite.models.masks import causal_mask, combine, key_padding_mask, segment_mask
+from t5lite.models.mlp import zero_stats
+from t5lite.parallel.rules import constrain
+
+
+def aux_from_stats(cfg: ModelConfig, stats: Stats) -> dict[str, jax.Array]:
+    """The model's aux dict: MoE losses already multiplied by their weights."""
+    return {
+        "moe_aux_loss": cfg.router_aux_loss_weight * stats["aux_loss"],
+        "moe_z_loss": cfg.router_z_loss_weight * stats["z_loss"],
+        "moe_dropped_fraction": stats["dropped"] / jnp.maximum(stats["assigned"], 1.0),
+    }
+
+
+def dropout_rngs_from(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Rngs | None:
+    """A private dropout stream for models that use dropout (None otherwise)."""
+    if cfg.dropout_rate <= 0.0:
+        return None
+    return nnx.Rngs(dropout=rngs.dropout())
+
+
+class OutputHead(nnx.Module):
+    """Shared pieces of both architectures: embedding, output projection, dropout keys."""
+
+    config: ModelConfig
+
+    def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        self.config = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.params_dtype,
+                           rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = make_param(rngs, normal(cfg.d_model ** -0.5),
+                                      (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                      cfg.params_dtype)
+        self.dropout_rngs = dropout_rngs_from(cfg, rngs)
+
+    def _dropout_key(self, deterministic: bool, dropout_rng: jax.Array | None):
+        if deterministic or self.config.dropout_rate <= 0.0:
+            return None
+        if dropout_rng is not None:
+            return dropout_rng
+        return self.dropout_rngs.dropout()
+
+    def _embed(self, tokens: jax.Array, key: jax.Array | None) -> jax.Array:
+        x = constrain(self.embed(tokens), ("batch", "length", "embed"))
+        return dropout(x, self.config.dropout_rate, key)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] from final (normed) decoder states."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            if cfg.scale_tied_logits:
+                x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
+            out = self.embed.attend(x)
+        else:
+            out = jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(x.dtype),
+                             preferred_element_type=jnp.float32)
+        if out.ndim == 3:
+            out = constrain(out, ("batch", "length", "vocab"))
+        return out
+
+
+class EncoderDecoder(OutputHead):
+    """T5-style encoder-decoder (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.architecture != "encoder_decoder":
+            raise UserError(f"EncoderDecoder needs architecture='encoder_decoder', got "
+                            f"{cfg.architecture!r}; use DecoderOnly (or build_model).")
+        self._init_head(cfg, rngs)
+        self.encoder = Stack(cfg, "encoder", rngs=rngs)
+        self.decoder = Stack(cfg, "decoder", rngs=rngs)
+
+    # ------------------------------------------------------------------ full sequences
+    def _encode(self, tokens, segment_ids, positions, key) -> tuple[jax.Array, Stats]:
+        k_embed, k_stack, k_out = split_key(key, 3)
+        if segment_ids is None:
+            valid = tokens != 0
+            mask = key_padding_mask(valid)
+        else:
+            valid = segment_ids != 0
+            mask = segment_mask(segment_ids, segment_ids)
+        pos = jnp.arange(tokens.shape[1])[None] if positions is None else positions
+        ctx = Context(self_mask=mask, self_bias=self.encoder.position_bias(pos, pos),
+                      positions=pos, token_mask=valid)
+        x, stats = self.encoder(self._embed(tokens, k_embed), ctx, k_stack)
+        return dropout(x, self.config.dropout_rate, k_out), stats
+
+    def encode(self, encoder_input_tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, deterministic: bool = True,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Encoder output [B, S, d_model] in the compute dtype."""
+        key = self._dropout_key(deterministic, dropout_rng)
+        return self._encode(encoder_input_tokens, segment_ids, positions, key)[0]
+
+    def _decode(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                decoder_segment_ids, decoder_positions, key) -> tuple[jax.Array, Stats]:
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise UserError("packed inputs need both encoder_segment_ids and "
+                            "decoder_segment_ids (or neither, for unpacked batches).")
+        k_embed, k_stack, k_out = split_key(key, 3)
+        length = decoder_input_tokens.shape[1]
+        if decoder_segment_ids is None:
+            self_mask = causal_mask(length)
+            cross_mask = key_padding_mask(encoder_input_tokens != 0)
+            token_mask = None
+        else:
+            self_mask = combine(causal_mask(length),
+                                segment_mask(decoder_segment_ids, decoder_segment_ids))
+            cross_mask = segment_mask(decoder_segment_ids, encoder_segment_ids)
+            token_mask = decoder_segment_ids != 0
+        pos = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
+        ctx = Context(self_mask=self_mask, self_bias=self.decoder.position_bias(pos, pos),
+                      positions=pos, cross_mask=cross_mask, token_mask=token_mask,
+                      encoded=encoded)
+        x, stats = self.decoder(self._embed(decoder_input_tokens, k_embed), ctx, k_stack)
+        x = dropout(x, self.config.dropout_rate, k_out)
+        return self.logits(x), stats
+
+    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+               decoder_input_tokens: jax.Array, *, encoder_segment_ids: jax.Array | None = None,
+               decoder_segment_ids: jax.Array | None = None,
+               decoder_positions: jax.Array | None = None, deterministic: bool = True,
+               dropout_rng: jax.Array | None = None):
+        """Teacher-forced decoder: (logits float32 [B, T, vocab], aux)."""
+        key = self._dropout_key(deterministic, dropout_rng)
+        logits, stats = self._decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                                     encoder_segment_ids, decoder_segment_ids,
+                                     decoder_positions, key)
+        return logits, aux_from_stats(self.config, stats)
+
+    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
+                 encoder_segment_ids: jax.Array | None = None,
+                 decoder_segment_ids: jax.Array | None = None,
+                 encoder_positions: jax.Array | None = None,
+                 decoder_positions: jax.Array | None = None, deterministic: bool = True,
+                 dropout_rng: jax.Array | None = None):
+        """(logits float32 [B, T, vocab], aux dict of float32 scalars).
+
+        `dropout_rng` (optional) is the dropout key for this call; without it a training call
+        (deterministic=False, dropout_rate > 0) draws from the model's own dropout stream.
+        """
+        key = self._dropout_key(deterministic, dropout_rng)
+        k_enc, k_dec = split_key(key, 2)
+        encoded, enc_stats = self._encode(encoder_input_tokens, encoder_segment_ids,
+                                          encoder_positions, k_enc)
+        logits, dec_stats = self._decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                                         encoder_segment_ids, decoder_segment_ids,
+                                         decoder_positions, k_dec)
+        return logits, aux_from_stats(self.config, add_stats(enc_stats, dec_stats))
+
+    # ------------------------------------------------------------------ incremental decoding
+    def precompute_cross_attention(self, encoded: jax.Array,
+                                   encoder_input_tokens: jax.Array) -> dict[str, jax.Array]:
+        """Every decoder layer's cross-attention K/V and the encoder padding mask (once per
+        request): {"k", "v": [layers, B, S, kv_heads, head_dim], "mask": bool [B, S]}."""
+
+        def fn(layer, carry, _):
+            return carry, zero_stats(), layer.cross_attention.key_value(encoded)
+
+        _, _, (k, v) = self.decoder.run(fn, jnp.zeros((), jnp.int32), None)
+        return {"k": k, "v": v, "mask": encoder_input_tokens != 0}
+
+    def init_decode_cache(self, batch_size: int, max_decode_len: int) -> dict[str, jax.Array]:
+        """Zeroed self-attention cache {"k", "v": [layers, B, max_len, kv_heads, head_dim]}."""
+        cfg = self.config
+        shape = (cfg.num_decoder_layers, batch_size, max_decode_len, cfg.kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+    def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict[str, jax.Array],
+                    cross: dict[str, jax.Array]):
+        """One decoder position for every row: tokens int [B] at position `step` (scalar or [B]).
+
+        Returns (float32 logits [B, vocab], updated cache). Reads cross-attention K/V from
+        `cross` only; writes this position's self-attention K/V into the cache.
+        """
+        x = self.embed(tokens[:, None])
+        return step_through(self, x, step, cache, cross)
+
+
+def step_through(model: OutputHead, x: jax.Array, step, cache: dict[str, jax.Array],
+                 cross: dict[str, jax.Array] | None):
+    """Run the decoder stack on one new position per row (shared by both architectures)."""
+    stack: Stack = model.decoder
+    batch = x.shape[0]
+    max_len = cache["k"].shape[2]
+    pos = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (batch,))
+    key_pos = jnp.arange(max_len)
+    ctx = Context(self_mask=key_padding_mask(key_pos[None, :] <= pos[:, None]),
+                  self_bias=stack.position_bias(pos[:, None], key_pos[None, :]),
+                  positions=pos[:, None], write_positions=pos,
+                  cross_mask=None if cross is None else key_padding_mask(cross["mask"]))
+    rows = jnp.arange(batch)
+
+    def fn(layer, carry, xs):
+        x, all_k, all_v = carry
+        index, cross_k, cross_v = xs
+        cross_kv = None if cross_k is None else (cross_k, cross_v)
+        x, stats, (k, v) = layer(x, ctx, None, cache=(all_k[index], all_v[index]),
+                                 cross_kv=cross_kv)
+        all_k = all_k.at[index, rows, pos].set(k[:, 0].astype(all_k.dtype))
+        all_v = all_v.at[index, rows, pos].set(v[:, 0].astype(all_v.dtype))
+        return (x, all_k, all_v), stats, None
+
+    per_layer = (jnp.arange(stack.num_layers),
+                 None if cross is None else cross["k"], None if cross is None else cross["v"])
+    (x, new_k, new_v), _, _ = stack.run(fn, (x, cache["k"], cache["v"]), per_layer)
+    logits = model.logits(stack.final_norm(x))[:, 0]
+    return logits, {"k": new_k, "v": new_v}

@@ -1,0 +1,103 @@
+"""Basic building blocks: parameters with logical axes, RMSNorm, embeddings, dropout.
+
+Every parameter is an `nnx.Param` whose metadata `out_sharding` holds its *logical* axis names
+(see architecture.md). `eager_sharding=False` keeps flax from interpreting those names as mesh
+axes at creation: the trainer maps them to mesh axes with `t5lite.parallel.rules` and initialises
+the model under `jax.jit(out_shardings=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def normal(stddev: float) -> Initializer:
+    """Initialiser drawing from N(0, stddev**2)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+        return (jax.random.normal(key, tuple(shape), jnp.float32) * stddev).astype(dtype)
+
+    return init
+
+
+def ones(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.ones(tuple(shape), dtype)
+
+
+def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+               axes: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
+    """An `nnx.Param` of `shape` carrying the logical axis names `axes`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes),
+                     eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: scale * x / sqrt(mean(x**2) + eps), no mean subtraction, no bias.
+
+    The statistics are computed in float32 whatever the compute dtype.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, *,
+                 rngs: nnx.Rngs):
+        self.scale = make_param(rngs, ones, (dim,), ("embed",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(variance + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` uses it as the tied output projection."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: jnp.dtype, param_dtype: jnp.dtype, *,
+                 rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, normal(1.0), (vocab_size, dim), ("vocab", "embed"),
+                                    param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits [..., vocab] in float32 against the embedding table."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None (deterministic) or `rate` is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """`n` independent keys from `key`, or `n` Nones when `key` is None (no dropout)."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """gelu (tanh approximation = T5 v1.1's gelu_new), silu or relu."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "silu":
+        return jax.nn.silu
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unknown activation {name!r}")
