@@ -36,39 +36,35 @@ class ApplyFn(Protocol):
                  dropout_key: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
 
-def model_forward(model: Any, batch: Batch, deterministic: bool
+def model_forward(model: Any, batch: Batch, dropout_key: jax.Array | None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Call an EncoderDecoder (batch has `encoder_input_tokens`) or a DecoderOnly model."""
+    """Call an EncoderDecoder (batch has `encoder_input_tokens`) or a DecoderOnly model.
+
+    `dropout_key=None` means deterministic (evaluation); otherwise dropout uses that key.
+    """
+    kwargs = {"deterministic": dropout_key is None, "dropout_rng": dropout_key}
     if "encoder_input_tokens" in batch:
         return model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                      encoder_segment_ids=batch.get("encoder_segment_ids"),
                      decoder_segment_ids=batch.get("decoder_segment_ids"),
                      encoder_positions=batch.get("encoder_positions"),
-                     decoder_positions=batch.get("decoder_positions"),
-                     deterministic=deterministic)
+                     decoder_positions=batch.get("decoder_positions"), **kwargs)
     return model(batch["decoder_input_tokens"],
                  decoder_segment_ids=batch.get("decoder_segment_ids"),
                  decoder_positions=batch.get("decoder_positions"),
-                 decoder_causal_attention=batch.get("decoder_causal_attention"),
-                 deterministic=deterministic)
+                 decoder_causal_attention=batch.get("decoder_causal_attention"), **kwargs)
 
 
 def make_apply_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> ApplyFn:
     """An ApplyFn for an NNX model split as `(graphdef, params, rest)`.
 
-    `rest` is the model's non-parameter state (RNG streams). When a dropout key is given, the
-    model's `dropout` stream (if it has one) is reseeded with it, so dropout depends only on the
-    key the step derives from the checkpointed RNG and step number.
+    `rest` is the model's non-parameter state (its own RNG streams, unused here: the dropout
+    key is passed explicitly, derived from the checkpointed RNG and the step number).
     """
-    has_dropout_stream = any(
-        getattr(v, "tag", None) == "dropout"
-        for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
     def apply(params: Any, batch: Batch, dropout_key: jax.Array | None):
         model = nnx.merge(graphdef, nnx.State(params), rest)
-        if dropout_key is not None and has_dropout_stream:
-            nnx.reseed(model, dropout=dropout_key)
-        return model_forward(model, batch, deterministic=dropout_key is None)
+        return model_forward(model, batch, dropout_key)
 
     return apply
 
@@ -173,19 +169,10 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable[[Any, Batch], Metrics]:
     return eval_step
 
 
-def make_init_fn(build: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                 seed: int) -> Callable[[], tuple[TrainState, nnx.State]]:
-    """`init() -> (TrainState, rest)`: builds the model (params from `build`), the optimiser
-    state and the base RNG. Meant to run under `jax.jit(out_shardings=...)` so the state is born
-    sharded."""
-
-    def init() -> tuple[TrainState, nnx.State]:
-        model = build()
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        pure = nnx.to_pure_dict(params)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=pure,
-                           opt_state=tx.init(pure),
-                           rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
-        return state, rest
-
-    return init
+def new_train_state(params: Any, tx: optax.GradientTransformation, seed: int,
+                    step: int | jax.Array = 0) -> TrainState:
+    """A TrainState around `params` with a fresh optimiser state. Meant to run under
+    `jax.jit(out_shardings=...)` so the state is born sharded."""
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
