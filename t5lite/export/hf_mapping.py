@@ -215,7 +215,7 @@ def params_to_hf_state_dict(model_or_state: Any, cfg: ModelConfig) -> dict[str, 
     if isinstance(model_or_state, nnx.Module):
         pure = params_dict(model_or_state)
     elif isinstance(model_or_state, nnx.State):
-        pure = nnx.filter_state(model_or_state, nnx.Param).to_pure_dict()
+        pure = nnx.to_pure_dict(nnx.filter_state(model_or_state, nnx.Param))
     else:
         pure = model_or_state
     out: dict[str, np.ndarray] = {}

@@ -1,6 +1,6 @@
 """Scanned <-> unrolled parameter layouts, on plain nested dicts of arrays.
 
-The pure-dict form is what `nnx.state(model, nnx.Param).to_pure_dict()` returns. In a stack
+The pure-dict form is what `nnx.to_pure_dict(nnx.state(model, nnx.Param))` returns. In a stack
 (`encoder`, `decoder`):
   unrolled           layers: {0: layer, 1: layer, ...}
   scanned            layers: layer with a leading [num_layers] axis on every leaf
@@ -82,19 +82,19 @@ def convert_layout(pure: Tree, src: ModelConfig, dst: ModelConfig) -> Tree:
 
 def params_dict(model: nnx.Module) -> Tree:
     """The model's parameters as a pure nested dict."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def load_params(model: nnx.Module, pure: Tree) -> None:
     """Put a pure param dict (matching the model's structure and shapes) into the model."""
     state = nnx.state(model, nnx.Param)
-    expected = jax.tree.map(lambda a: tuple(a.shape), state.to_pure_dict())
+    expected = jax.tree.map(lambda a: tuple(a.shape), nnx.to_pure_dict(state))
     got = jax.tree.map(lambda a: tuple(np.shape(a)), pure)
     if expected != got:
         raise ValueError(f"parameter structure/shapes differ from the model's: "
                          f"{_first_difference(expected, got)}")
     nnx.replace_by_pure_dict(state, jax.tree.map(
-        lambda ref, a: jax.numpy.asarray(a, dtype=ref.dtype), state.to_pure_dict(), pure))
+        lambda ref, a: jax.numpy.asarray(a, dtype=ref.dtype), nnx.to_pure_dict(state), pure))
     nnx.update(model, state)
 
 
