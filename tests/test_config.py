@@ -31,3 +31,48 @@ def test_defaults_are_t5_v1_1_small():
 def test_invalid_configs_raise_clear_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**changes)
+
+
+def test_scanned_moe_groups_must_divide_depth():
+    with pytest.raises(ConfigError, match="not a multiple of moe_layer_period"):
+        ModelConfig(num_experts=4, moe_layer_period=3, num_encoder_layers=8)
+    ModelConfig(num_experts=4, moe_layer_period=3, num_encoder_layers=8, num_decoder_layers=9,
+                scan_layers=False)  # unrolled stacks take any pattern
+
+
+@pytest.mark.parametrize("preset, total", [
+    ("t5_1_1/small", 76_961_152), ("t5_1_1/base", 247_577_856),
+    ("t5_1_1/large", 783_150_080), ("t5_1_1/xl", 2_849_757_184),
+    ("t5_1_1/xxl", 11_135_332_352),
+])
+def test_t5_1_1_presets_have_published_sizes(preset, total, repo_root):
+    import os
+
+    from t5lite.commands import gin_setup
+    from t5lite.models import param_count
+
+    gin_setup.parse_gin([os.path.join(repo_root, "gin", "models", preset + ".gin")], [])
+    assert param_count(gin_setup.build("ModelConfig")) == total
+
+
+@pytest.mark.parametrize("preset", ["t5_1_1/tiny", "modern/small", "modern/base", "modern/large",
+                                    "moe/base"])
+def test_info_command_prints_model_info(preset, repo_root, capsys):
+    import os
+    import re
+
+    from absl import flags
+
+    from t5lite.commands import gin_setup, info
+
+    flags.FLAGS(["t5lite info", f"--gin_file={os.path.join(repo_root, 'gin/models', preset)}.gin"])
+    gin_setup.COMMAND_LINE_BINDINGS[:] = []
+    try:
+        info.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert "total parameters:" in out and "('layers', 'embed', " in out
+    share = float(re.search(r"encoder share of non-embedding parameters: ([\d.]+)%", out)[1])
+    if preset.startswith(("modern", "moe")):  # the seed's 2/3 encoder rule
+        assert 62.0 <= share <= 70.0
