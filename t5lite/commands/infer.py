@@ -1,0 +1,107 @@
+"""`t5lite infer`: decode text with a trained (or imported) model.
+
+Example::
+
+    t5lite infer --model_dir=runs/demo --input="The <extra_id_0> sat on the mat."
+    t5lite infer --model_dir=runs/demo --input_file=prompts.txt --decode=beam --beam_size=4 \\
+        --format=json --output_file=out.jsonl
+
+Contract: one output line per input line, in order.
+  --format=text   the decoded text (with --num_samples N > 1: the N outputs joined by a tab);
+  --format=json   {"input": ..., "output": text, "output_ids": [ids without the start token, up
+                  to and excluding EOS]} (with N > 1, "output" and "output_ids" are lists of N,
+                  and "scores" holds each output's score).
+Inputs are tokenised with the model's vocabulary (sentinels such as `<extra_id_0>` are
+understood), EOS is appended, and they are decoded in padded batches of --batch_size. An input
+longer than the model's input length is an error unless --truncate is given (then its first
+tokens are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from t5lite.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "model dir written by `t5lite train` or `t5lite import`")
+flags.DEFINE_string("input", None, "one input text (use --input_file for many)")
+flags.DEFINE_string("input_file", None, "a text file with one input per line")
+flags.DEFINE_enum("decode", "greedy", ["greedy", "sample", "beam"], "decoding method")
+flags.DEFINE_integer("beam_size", 4, "beam width (--decode=beam)")
+flags.DEFINE_float("alpha", 0.6, "beam search length penalty exponent ((5+len)/6)^alpha")
+flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling probability mass (1 = all)")
+flags.DEFINE_integer("num_samples", 1, "outputs per input (samples, or best beams)")
+flags.DEFINE_integer("max_decode_len", None, "max generated tokens (default: the model's "
+                     "target length from run_info.json)")
+flags.DEFINE_string("output_file", None, "write here instead of stdout")
+flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
+flags.DEFINE_integer("seed", 0, "random seed for sampling")
+flags.DEFINE_integer("batch_size", 8, "inputs decoded together")
+flags.DEFINE_bool("truncate", False, "cut inputs longer than the model's input length instead "
+                  "of failing")
+flags.DEFINE_integer("step", None, "checkpoint step to load (default: latest)")
+
+
+def read_inputs(text: str | None, path: str | None) -> list[str]:
+    """The input lines: --input (one text) or --input_file (one per line)."""
+    if (text is None) == (path is None):
+        raise UserError("give exactly one of --input=TEXT or --input_file=FILE.")
+    if text is not None:
+        return [text]
+    if not os.path.isfile(path):
+        raise UserError(f"--input_file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise UserError(f"--input_file {path!r} is empty: nothing to decode (one input per "
+                        "line).")
+    return lines
+
+
+def format_results(results, fmt: str) -> list[str]:
+    """One output line per result (see the module docstring for the two formats)."""
+    lines = []
+    for r in results:
+        single = len(r.outputs) == 1
+        if fmt == "json":
+            obj = {"input": r.input,
+                   "output": r.outputs[0] if single else r.outputs,
+                   "output_ids": r.output_ids[0] if single else r.output_ids}
+            if not single:
+                obj["scores"] = r.scores
+            lines.append(json.dumps(obj, ensure_ascii=False))
+        else:
+            lines.append("\t".join(o.replace("\n", " ").replace("\t", " ") for o in r.outputs))
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+    if not FLAGS.model_dir:
+        raise UserError("--model_dir is required.")
+    inputs = read_inputs(FLAGS.input, FLAGS.input_file)
+    from t5lite.inference import Generator
+
+    gen = Generator.from_model_dir(FLAGS.model_dir, step=FLAGS.step, batch_size=FLAGS.batch_size)
+    results = gen.generate(inputs, FLAGS.decode, max_decode_len=FLAGS.max_decode_len,
+                           beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
+                           temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                           num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                           truncate=FLAGS.truncate)
+    text = "".join(line + "\n" for line in format_results(results, FLAGS.format))
+    if FLAGS.output_file:
+        tmp = f"{FLAGS.output_file}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, FLAGS.output_file)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()

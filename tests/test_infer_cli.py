@@ -1,0 +1,73 @@
+"""`t5lite infer` end to end (subprocesses: the CLI parses absl flags once per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_infer import TEXTS, make_model_dir, make_vocab, tiny_config
+from t5lite.inference import Generator
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "t5lite.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("cli_model"))
+    make_model_dir(d, tiny_config(), make_vocab(d))
+    return d
+
+
+def test_infer_text_and_json_one_line_per_input(model_dir, tmp_path):
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(TEXTS) + "\n")
+    out_json = tmp_path / "out.jsonl"
+    proc = run_cli("infer", f"--model_dir={model_dir}", f"--input_file={inputs}",
+                   "--format=json", f"--output_file={out_json}", "--batch_size=3",
+                   "--max_decode_len=6")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [r["input"] for r in rows] == TEXTS
+    expected = Generator.from_model_dir(model_dir, batch_size=4).generate(TEXTS, max_decode_len=6)
+    assert [r["output_ids"] for r in rows] == [e.ids for e in expected]
+    assert [r["output"] for r in rows] == [e.output for e in expected]
+    assert all(1 not in r["output_ids"] for r in rows)
+
+    proc = run_cli("infer", f"--model_dir={model_dir}", f"--input={TEXTS[1]}",
+                   "--decode=beam", "--beam_size=3", "--num_samples=2", "--max_decode_len=6")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and len(lines[0].split("\t")) == 2
+
+
+@pytest.mark.parametrize("case", ["empty_file", "no_checkpoint", "too_long", "no_input"])
+def test_infer_bad_input_is_one_clear_error(model_dir, tmp_path, case):
+    args = ["infer", f"--model_dir={model_dir}"]
+    if case == "empty_file":
+        (tmp_path / "empty.txt").write_text("")
+        args.append(f"--input_file={tmp_path / 'empty.txt'}")
+        want = "is empty"
+    elif case == "no_checkpoint":
+        d = tmp_path / "nockpt"
+        d.mkdir()
+        for name in ("model_config.json", "run_info.json"):
+            (d / name).write_text(open(os.path.join(model_dir, name)).read())
+        args = ["infer", f"--model_dir={d}", "--input=hello"]
+        want = "no checkpoint"
+    elif case == "too_long":
+        args.append("--input=" + " ".join(["the cat sat on the mat"] * 20))
+        want = "--truncate"
+    else:
+        want = "--input"
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err_lines) == 1 and want in err_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
