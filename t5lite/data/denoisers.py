@@ -101,6 +101,27 @@ def paradigm_ids(vocab, token: str | None) -> tuple[int, ...]:
     return ids
 
 
+def _sentinels_needed(d: Denoiser, inputs_length: int) -> int:
+    chunk, _ = objectives.random_spans_helper(inputs_length, d.noise_density,
+                                              d.mean_noise_span_length)
+    return objectives.num_noise_and_spans(chunk, d.noise_density, d.mean_noise_span_length)[1]
+
+
+def _longest_inputs_within(extra_ids: int, d: Denoiser, prefix: int, upper: int) -> int:
+    """The longest inputs length (<= upper) at which span denoiser `d` needs at most
+    `extra_ids` sentinels (binary search; the count grows with the length)."""
+    lo, hi = prefix + 3, upper
+    if _sentinels_needed(d, lo - prefix) > extra_ids:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _sentinels_needed(d, mid - prefix) <= extra_ids:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoisingObjective:
     """A mixture of denoisers (one denoiser: plain span corruption or prefix LM)."""
@@ -138,12 +159,13 @@ class DenoisingObjective:
                 _, spans = objectives.num_noise_and_spans(chunk, d.noise_density,
                                                           d.mean_noise_span_length)
                 if spans > vocab.extra_ids:
+                    fits = _longest_inputs_within(vocab.extra_ids, d, len(ids), inputs_length)
                     raise ConfigError(
                         f"{self.name}: denoiser {d.name} at inputs length {inputs_length} cuts "
                         f"chunks of {chunk} tokens with {spans} noise spans, so it needs {spans} "
-                        f"sentinels, but the vocabulary has {vocab.extra_ids} extra ids; use a "
-                        f"shorter inputs length, or a vocabulary with at least {spans} extra ids "
-                        f"(seqio.SentencePieceVocabulary(path, extra_ids={spans}))")
+                        f"sentinels, but the vocabulary has {vocab.extra_ids} extra ids; use "
+                        f"inputs length <= {fits}, or a vocabulary with at least {spans} extra "
+                        f"ids (seqio.SentencePieceVocabulary(path, extra_ids={spans}))")
                 out.append(DenoiserLengths(ids, chunk, targets, spans, concatenate=True))
             else:
                 chunk = room - 1  # room for EOS

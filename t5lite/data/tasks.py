@@ -31,6 +31,7 @@ from t5lite.data.bart import BartObjective, make_bart_preprocessor
 from t5lite.data.denoisers import DenoisingObjective
 from t5lite.data.preprocessors import make_denoise_preprocessor
 from t5lite.data.sources import TextDocumentSource
+from t5lite.errors import UserError
 
 Objective = DenoisingObjective | BartObjective
 
@@ -53,8 +54,14 @@ def output_features(vocabulary) -> dict[str, seqio.Feature]:
 
 
 def _vocab_is_local(vocabulary) -> bool:
+    """True for a vocabulary file on local disk; raises `UserError` when a local path is
+    missing (remote paths such as gs://... are checked when first used)."""
     path = getattr(vocabulary, "sentencepiece_model_file", None)
-    return bool(path) and "://" not in path and os.path.exists(path)
+    if not path or "://" in path:
+        return False
+    if not os.path.exists(path):
+        raise UserError(f"vocabulary file {path!r} does not exist")
+    return True
 
 
 def add_pretraining_task(name: str, source: seqio.DataSource, vocabulary,
