@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,9 +27,34 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from t5lite.errors import ConfigError
 from t5lite.parallel.hosts import all_hosts_agree, host_to_global
+from t5lite.parallel.rules import RECIPES
 
 HostBatch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of `t5lite eval` (teacher-forced evaluation of a model dir's checkpoint)."""
+
+    batch_size: int = 32  # global
+    eval_steps: int | None = None  # batches to evaluate (None: the whole split)
+    split: str = "validation"
+    step: int | None = None  # checkpoint step (None: the newest)
+    mixture_or_task_name: str | None = None  # None: the task in the model dir's run_info.json
+    task_feature_lengths: dict[str, int] | None = None  # None: as trained
+    partitioning: str = "dp"
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"EvalConfig: batch_size={self.batch_size} must be positive.")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ConfigError(f"EvalConfig: eval_steps={self.eval_steps} must be positive or "
+                              "None.")
+        if self.partitioning not in RECIPES:
+            raise ConfigError(f"EvalConfig: partitioning={self.partitioning!r} is unknown; use "
+                              f"one of {sorted(RECIPES)}.")
 
 
 def unigram_entropy(counts: np.ndarray) -> float:

@@ -1,0 +1,108 @@
+"""`t5lite train`: train a model from gin files into a model dir.
+
+    t5lite train --gin_file=gin/models/t5_1_1/small.gin --gin_file=gin/runs/pretrain.gin \\
+        --gin.MIXTURE_OR_TASK_NAME=demo_span_corruption --model_dir=runs/small
+
+Gin configures `ModelConfig`, `MeshConfig`, `TrainConfig` (with `OptimizerConfig`,
+`ScheduleConfig`, `LossConfig`) and `DataConfig` (its `batch_size` is replaced by this host's
+share of the global `TrainConfig.batch_size`). Restarting the same command continues from the
+newest checkpoint in `--model_dir`. SIGTERM/SIGINT save a checkpoint and exit 0.
+
+Multi-host: pass `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
+T5LITE_* environment variables, or T5LITE_DISTRIBUTED=auto on TPU pods / SLURM) on every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+from absl import flags
+
+from t5lite.commands import gin_setup
+from t5lite.errors import UserError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+gin_setup.define_common_flags()
+if "model_dir" not in flags.FLAGS:
+    flags.DEFINE_string("model_dir", None, "directory for checkpoints, metrics and run files")
+flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_string("cpu_collectives", None, "multi-process CPU runs: 'gloo'")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """Everything the gin files configured for one training run."""
+
+    model_config: object
+    mesh_config: object
+    train_config: object
+    data_config: object
+
+
+def configure(gin_files: list[str], bindings: list[str]) -> TrainRun:
+    """Parse gin and build the configured dataclasses (UserError on bad input)."""
+    gin_setup.parse_gin(gin_files, bindings)
+    return TrainRun(model_config=gin_setup.build("ModelConfig"),
+                    mesh_config=gin_setup.build("MeshConfig"),
+                    train_config=gin_setup.build("TrainConfig"),
+                    data_config=gin_setup.build("DataConfig"))
+
+
+def run(gin_files: list[str], bindings: list[str], model_dir: str,
+        module_imports: list[str], console: bool = True):
+    """The whole command after distributed start-up; returns the TrainResult."""
+    from t5lite.data.registry import get_task_or_mixture, get_vocabulary, import_task_modules
+    from t5lite.model_dir import RunInfo
+    from t5lite.parallel.mesh import make_mesh
+    from t5lite.train.data_source import SeqioData
+    from t5lite.train.loop import train
+
+    if not gin_files:
+        raise UserError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
+    cfg = configure(gin_files, bindings)
+    name = cfg.data_config.mixture_or_task_name
+    import_task_modules(module_imports)
+    get_task_or_mixture(name)
+    vocab = get_vocabulary(name)
+    if vocab.vocab_size > cfg.model_config.vocab_size:
+        raise UserError(f"the vocabulary of {name!r} has {vocab.vocab_size} ids (with extra "
+                        f"ids) but ModelConfig.vocab_size={cfg.model_config.vocab_size}; set "
+                        f"ModelConfig.vocab_size >= {vocab.vocab_size} (a multiple of 128 is "
+                        "fastest).")
+    mesh = make_mesh(cfg.mesh_config)
+    run_info = RunInfo(task=name,
+                       vocabulary=getattr(vocab, "sentencepiece_model_file", ""),
+                       task_feature_lengths=dict(cfg.data_config.task_feature_lengths),
+                       extra_ids=int(getattr(vocab, "extra_ids", 0)),
+                       feature_converter=cfg.data_config.feature_converter)
+    return train(cfg.model_config, cfg.train_config, mesh, SeqioData(cfg.data_config),
+                 model_dir, run_info=run_info, operative_config=gin_setup.operative_config(),
+                 console=console)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    if not FLAGS.model_dir:
+        raise UserError("--model_dir is required (where checkpoints and metrics go).")
+    logging.getLogger("t5lite").setLevel(logging.INFO)
+    from absl import logging as absl_logging
+
+    from t5lite.parallel.hosts import initialize_distributed
+
+    if FLAGS["verbosity"].using_default_value:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TF progress chatter
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.cpu_collectives)
+    result = run(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS), FLAGS.model_dir,
+                 FLAGS.module_import)
+    if result.preempted:
+        sys.exit(0)
