@@ -206,8 +206,8 @@ def test_remat_and_dropout():
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
     ref_grads = nnx.grad(loss)(base)
-    for policy in ("full", "dots", "save_attention_out"):
-        for scan in (True, False):
+    for policy, scan in (("full", False), ("dots", True), ("save_attention_out", True)):
+        if True:
             cfg_p = cfg.replace(remat_policy=policy, scan_layers=scan)
             other = model_of(cfg_p)
             load_params(other, convert_layout(params_dict(base), cfg, cfg_p))
