@@ -135,6 +135,14 @@ class Generator:
         # one jitted function per Generator: its traces depend on this mesh and rules
         self._jitted = jax.jit(self._run, static_argnames=("config",))
 
+    def set_model(self, model: nnx.Module) -> None:
+        """Use new weights (e.g. the train loop's latest); the compiled decoding function is
+        reused when the model's structure is unchanged."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            self._jitted = jax.jit(self._run, static_argnames=("config",))
+        self.model, self._graphdef, self._state = model, graphdef, state
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model_dir(cls, model_dir: str, *, step: int | None = None, batch_size: int = 8,
