@@ -59,6 +59,8 @@ def _assign_and_chunk(plan: Plan):
 
     @seqio.map_over_dataset(num_seeds=1)
     def assign(docs: tf.RaggedTensor, seed):
+        if not isinstance(docs, tf.RaggedTensor):  # documents that all had one static length
+            docs = tf.RaggedTensor.from_tensor(docs)
         seeds = tf.random.experimental.stateless_split(seed, 2)
         num_docs = docs.nrows(out_type=tf.int32)
         if len(probs) > 1:
