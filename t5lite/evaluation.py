@@ -191,6 +191,10 @@ def make_predict_eval_fn(task_name: str, task_feature_lengths: dict[str, int], *
     tasks = _tasks_with_metrics(task_name)
     if not tasks:
         return None
+    if jax.process_count() > 1:
+        log.warning("decoding metrics of %s are skipped: inference evaluation runs in "
+                    "single-process jobs only (run `t5lite eval` on one host).", task_name)
+        return None
     from t5lite.inference import Generator
 
     lengths = dict(task_feature_lengths)

@@ -30,7 +30,8 @@ FLAGS = flags.FLAGS
 def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
                        module_imports: list[str], predict_eval_fn=None) -> dict[str, Any]:
     """Evaluate the checkpoint of `model_dir`; returns the metrics (also appended to
-    metrics.jsonl). `predict_eval_fn(model, step) -> {name: value}` adds decoding metrics."""
+    metrics.jsonl). `predict_eval_fn(model, step) -> {name: value}` adds decoding metrics;
+    "auto" builds one from the task's metric_fns (t5lite.evaluation; none without them)."""
     from t5lite import checkpoint
     from t5lite.data.pipeline import DataConfig
     from t5lite.data.registry import get_task_or_mixture, import_task_modules
@@ -71,6 +72,13 @@ def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
     evaluator = Evaluator(setup.eval_step, setup.batch_sharding, eval_config.batch_size,
                           model_config.vocab_size)
     metrics: dict[str, Any] = evaluator(params, data.eval_batches(shard), eval_config.eval_steps)
+    if predict_eval_fn == "auto":  # decode the split when the task has metric_fns
+        from t5lite.evaluation import make_predict_eval_fn
+
+        predict_eval_fn = make_predict_eval_fn(
+            task, lengths, split=eval_config.split, mesh=mesh, rules=eval_config.partitioning,
+            num_examples=(eval_config.eval_steps * eval_config.batch_size
+                          if eval_config.eval_steps else None))
     if predict_eval_fn is not None:
         metrics.update(predict_eval_fn(setup.model(params), step))
     metrics.update({"task": task, "eval_split": eval_config.split, "source": "t5lite eval"})
@@ -119,7 +127,8 @@ def main(argv: list[str]) -> None:
     gin_setup.parse_gin(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS))
     eval_config = gin_setup.build("EvalConfig")
     mesh_config = gin_setup.build("MeshConfig")
-    metrics = evaluate_model_dir(FLAGS.model_dir, eval_config, mesh_config, FLAGS.module_import)
+    metrics = evaluate_model_dir(FLAGS.model_dir, eval_config, mesh_config, FLAGS.module_import,
+                                 predict_eval_fn="auto")
     print(format_report(metrics))
 
 

@@ -82,9 +82,13 @@ def run(gin_files: list[str], bindings: list[str], model_dir: str,
                        task_feature_lengths=dict(cfg.data_config.task_feature_lengths),
                        extra_ids=int(getattr(vocab, "extra_ids", 0)),
                        feature_converter=cfg.data_config.feature_converter)
+    from t5lite.evaluation import make_predict_eval_fn  # decoding metrics (tasks with metric_fns)
+
+    predict_eval_fn = make_predict_eval_fn(name, dict(cfg.data_config.task_feature_lengths),
+                                           mesh=mesh, rules=cfg.train_config.partitioning)
     return train(cfg.model_config, cfg.train_config, mesh, SeqioData(cfg.data_config),
                  model_dir, run_info=run_info, operative_config=gin_setup.operative_config(),
-                 console=console)
+                 console=console, predict_eval_fn=predict_eval_fn)
 
 
 def main(argv: list[str]) -> None:
