@@ -25,6 +25,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/t5lite train --gin_file=gin/demo.gin --model_dir=$(DEMO_DIR)
 	$(VENV)/bin/t5lite eval --gin_file=gin/demo.gin --model_dir=$(DEMO_DIR)
+	$(VENV)/bin/t5lite infer --model_dir=$(DEMO_DIR) --task_examples=5
 
 ## make bench: the benchmark scripts (see README "Performance").
 bench: $(STAMP)

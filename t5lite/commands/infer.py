@@ -47,6 +47,9 @@ flags.DEFINE_integer("batch_size", 8, "inputs decoded together")
 flags.DEFINE_bool("truncate", False, "cut inputs longer than the model's input length instead "
                   "of failing")
 flags.DEFINE_integer("step", None, "checkpoint step to load (default: latest)")
+flags.DEFINE_integer("task_examples", 0, "instead of --input: decode the first N validation "
+                     "examples of the model's task (run_info.json) and print input, output, "
+                     "target and the input with the model's filled-in spans")
 
 
 def read_inputs(text: str | None, path: str | None) -> list[str]:
@@ -82,11 +85,32 @@ def format_results(results, fmt: str) -> list[str]:
     return lines
 
 
+def show_task_examples(model_dir: str, num: int) -> None:
+    from t5lite.data.registry import import_task_modules
+    from t5lite.evaluation import show_predictions
+    from t5lite.inference import Generator
+    from t5lite.model_dir import read_run_info
+
+    info = read_run_info(model_dir)
+    if not info.task:
+        raise UserError(f"{model_dir}/run_info.json names no task; --task_examples needs a "
+                        "model trained on a registered task.")
+    import_task_modules(["t5lite_tasks"])
+    gen = Generator.from_model_dir(model_dir, step=FLAGS.step, batch_size=FLAGS.batch_size)
+    lines = show_predictions(gen, info.task, info.task_feature_lengths, num=num,
+                             decode=FLAGS.decode)
+    print(f"{num} validation examples of {info.task} decoded by {model_dir} ({FLAGS.decode}):")
+    print("\n".join(lines))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
+    if FLAGS.task_examples:
+        show_task_examples(FLAGS.model_dir, FLAGS.task_examples)
+        return
     inputs = read_inputs(FLAGS.input, FLAGS.input_file)
     from t5lite.inference import Generator
 
