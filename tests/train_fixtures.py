@@ -63,3 +63,44 @@ class SyntheticData:
     def eval_batches(self, shard: DataShard):
         return [self._local(global_batch(10_000 + i, self.batch_size, self.seed + 1), shard)
                 for i in range(self.num_eval)]
+
+
+# ---------------------------------------------------------------- subprocess scenarios
+N_STEPS = 3  # resume tests: N steps, kill, resume to 2N
+
+
+def resume_config(train_steps: int):
+    """(TrainConfig, ModelConfig) of the resume / preemption tests: dropout on, so the RNG
+    stream has to resume exactly too."""
+    from t5lite.train.config import TrainConfig
+    from t5lite.train.optim import OptimizerConfig
+    from t5lite.train.schedules import ScheduleConfig
+
+    tc = TrainConfig(train_steps=train_steps, batch_size=8, checkpoint_period=N_STEPS,
+                     eval_period=None, log_period=1, keep_checkpoints=None,
+                     optimizer=OptimizerConfig(schedule=ScheduleConfig(
+                         name="rsqrt", base_learning_rate=1.0, warmup_steps=2)))
+    return tc, tiny_model_config(dropout_rate=0.1, num_encoder_layers=1, num_decoder_layers=1)
+
+
+def multihost_config():
+    from t5lite.train.config import TrainConfig
+    from t5lite.train.optim import OptimizerConfig
+    from t5lite.train.schedules import ScheduleConfig
+
+    tc = TrainConfig(train_steps=3, batch_size=8, checkpoint_period=3, eval_period=None,
+                     log_period=1, optimizer=OptimizerConfig(
+                         name="adamw", schedule=ScheduleConfig(name="constant",
+                                                               base_learning_rate=1e-2,
+                                                               warmup_steps=0)))
+    return tc, tiny_model_config(num_encoder_layers=1, num_decoder_layers=1)
+
+
+def run_multihost_steps(model_dir: str):
+    """Train the multi-host scenario into `model_dir` on all (global) devices."""
+    from t5lite.parallel.mesh import MeshConfig, make_mesh
+    from t5lite.train.loop import train
+
+    tc, mc = multihost_config()
+    return train(mc, tc, make_mesh(MeshConfig(data=-1)), SyntheticData(tc.batch_size),
+                 model_dir, console=False)

@@ -193,8 +193,8 @@ def _run(setup: TrainSetup, state, data_position: int, plan, data: DataSource, m
         fetched = jax.device_get(window)
         for s, m in zip(window_steps, fetched):
             if not bool(m["finite"]):
-                good = ckpt.latest_step()
                 ckpt.wait()
+                good = ckpt.latest_step()
                 where = (f"the last good checkpoint is step {good} in {ckpt.directory}"
                          if good is not None else "no checkpoint was written")
                 raise NonFiniteLossError(

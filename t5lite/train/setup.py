@@ -65,7 +65,7 @@ class TrainSetup:
 
     def model(self, params: Any) -> nnx.Module:
         """The NNX model with these parameters (for evaluation hooks such as decoding)."""
-        return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+        return nnx.merge(self.graphdef, params, self.rest)
 
     def traced(self):
         """Context for tracing/compiling: the mesh and the logical-axis rules."""

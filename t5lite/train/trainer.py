@@ -63,7 +63,7 @@ def make_apply_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> ApplyFn:
     """
 
     def apply(params: Any, batch: Batch, dropout_key: jax.Array | None):
-        model = nnx.merge(graphdef, nnx.State(params), rest)
+        model = nnx.merge(graphdef, params, rest)
         return model_forward(model, batch, dropout_key)
 
     return apply
@@ -144,9 +144,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             "accuracy": sums["correct"] / weight,
             "target_tokens": sums["weight"],
             "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
         }
         metrics.update(aux)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,87 @@
+"""Bad input to `t5lite train`: one `error:` line, exit status 2, no checkpoint touched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from t5lite import checkpoint
+from t5lite.parallel.mesh import MeshConfig, make_mesh
+from t5lite.train.config import TrainConfig
+from t5lite.train.loop import NonFiniteLossError, train
+from t5lite.train.optim import OptimizerConfig
+from t5lite.train.schedules import ScheduleConfig
+from train_fixtures import SyntheticData, tiny_model_config
+
+
+def _start(repo_root: str, args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.Popen([sys.executable, "-m", "t5lite.cli", "train"] + args, cwd=repo_root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _snapshot(path: str) -> dict[str, float]:
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[full] = os.path.getmtime(full)
+    return out
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_error_line(repo_root, tmp_path):
+    bad_gin = tmp_path / "bad.gin"
+    bad_gin.write_text('include "gin/demo.gin"\nTRAIN_STEPS = (1,\nBATCH_SIZE = 8\n')
+    # a model dir holding a checkpoint of another shape (a tiny model) and its config
+    other = str(tmp_path / "other_shape")
+    mc = tiny_model_config()
+    from t5lite.model_dir import write_model_config
+    from t5lite.models import abstract_model
+    from flax import nnx
+
+    params = nnx.to_pure_dict(nnx.state(abstract_model(mc), nnx.Param))
+    params = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), params)
+    checkpoint.save_params(other, params, step=5)
+    write_model_config(other, mc)
+    before = _snapshot(other)
+
+    cases = {
+        "gin": ([f"--gin_file={bad_gin}", f"--model_dir={tmp_path / 'a'}"],
+                r"bad.gin, line 3"),
+        "task": (["--gin_file=gin/demo.gin", "--gin.MIXTURE_OR_TASK_NAME=no_such_task",
+                  f"--model_dir={tmp_path / 'b'}"], "unknown task or mixture 'no_such_task'"),
+        "mesh": (["--gin_file=gin/demo.gin", "--gin.MeshConfig.data=3",
+                  f"--model_dir={tmp_path / 'c'}"], "3 positions but there are 8 devices"),
+        "shape": (["--gin_file=gin/demo.gin", f"--model_dir={other}"],
+                  "does not fit the model config: parameter"),
+    }
+    procs = {name: _start(repo_root, args) for name, (args, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (name, err[-3000:])
+        assert len(lines) == 1 and cases[name][1] in lines[0], (name, err[-3000:])
+        assert "Traceback" not in err, (name, err[-3000:])
+    for sub in ("a", "b", "c"):
+        assert not os.path.exists(tmp_path / sub / "checkpoints")
+    assert _snapshot(other) == before  # nothing in the other model's dir was touched
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "nan")
+    tc = TrainConfig(train_steps=20, batch_size=8, checkpoint_period=1, log_period=5,
+                     eval_period=None, async_checkpointing=False,
+                     optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(
+                         name="constant", base_learning_rate=1e30, warmup_steps=0)))
+    mc = tiny_model_config(num_encoder_layers=1, num_decoder_layers=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*last good checkpoint is step 1"):
+        train(mc, tc, make_mesh(MeshConfig(data=8)), SyntheticData(8, eval_batches=0),
+              model_dir, console=False)
+    assert checkpoint.latest_step(model_dir) == 1

@@ -1,0 +1,83 @@
+"""One sharded train step equals the single-device step; accumulation equals one big batch."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from t5lite.errors import ConfigError
+from t5lite.parallel.hosts import host_to_global
+from t5lite.parallel.mesh import MeshConfig, make_mesh
+from t5lite.train.config import TrainConfig
+from t5lite.train.optim import OptimizerConfig
+from t5lite.train.schedules import ScheduleConfig
+from t5lite.train.setup import make_setup
+from train_fixtures import global_batch, tiny_model_config
+
+BATCH = 8
+MODEL = tiny_model_config(num_encoder_layers=1, num_decoder_layers=1, d_model=32, d_ff=128,
+                          num_heads=4, head_dim=8)
+
+
+def _train_config(partitioning: str, optimizer: str = "adafactor", batch: int = BATCH,
+                  microbatches: int = 1) -> TrainConfig:
+    schedule = ScheduleConfig(name="constant", base_learning_rate=1e-2, warmup_steps=0)
+    return TrainConfig(train_steps=10, batch_size=batch, partitioning=partitioning,
+                       microbatches=microbatches,
+                       optimizer=OptimizerConfig(name=optimizer, schedule=schedule,
+                                                 grad_clip_norm=1.0,
+                                                 min_dim_size_to_factor=16))
+
+
+def _one_step(partitioning: str, mesh_config: MeshConfig, devices=None, batch: int = BATCH,
+              microbatches: int = 1, optimizer: str = "adafactor"):
+    mesh = make_mesh(mesh_config, devices)
+    setup = make_setup(MODEL, _train_config(partitioning, optimizer, batch, microbatches), mesh)
+    state = setup.fresh_state()
+    data = global_batch(0, batch)
+    state, metrics = setup.train_step(state, host_to_global(data, setup.batch_sharding, batch))
+    return jax.device_get(state.params), jax.device_get(metrics), state
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+    return _one_step("dp", MeshConfig(data=1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("partitioning,mesh_config", [
+    ("dp", MeshConfig(data=8)),
+    ("fsdp", MeshConfig(data=2, fsdp=4)),
+    ("tp", MeshConfig(data=1, tensor=8)),
+    ("dp_tp", MeshConfig(data=4, tensor=2)),
+])
+def test_sharded_step_equals_single_device(single_device_step, partitioning, mesh_config):
+    want_params, want_metrics, _ = single_device_step
+    params, metrics, state = _one_step(partitioning, mesh_config)
+    assert np.isclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    if partitioning == "dp":
+        assert all(x.sharding.spec == P() for x in jax.tree.leaves(state.params))
+    elif partitioning == "fsdp":
+        assert any("fsdp" in s for s in specs)
+    else:
+        assert any("tensor" in s for s in specs)
+
+
+def test_accumulation_equals_one_big_batch():
+    big_params, big_metrics, _ = _one_step("dp", MeshConfig(data=8), batch=4 * BATCH,
+                                           optimizer="adamw")
+    acc_params, acc_metrics, _ = _one_step("dp", MeshConfig(data=8), batch=4 * BATCH,
+                                           microbatches=4, optimizer="adamw")
+    assert np.isclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-5)
+    assert np.isclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_refused():
+    with pytest.raises(ConfigError, match="not divisible by the 8 data-parallel"):
+        make_setup(MODEL, _train_config("dp", batch=12), make_mesh(MeshConfig(data=8)))
