@@ -47,6 +47,7 @@ class DataConfig:
     feature_converter: str = "enc_dec"
     use_cached: bool = False
     num_epochs: int | None = None
+    shuffle_buffer_size: int | None = None  # examples; None: the task's own (1000 for ours)
 
     def __post_init__(self) -> None:
         if not self.mixture_or_task_name:
@@ -67,6 +68,9 @@ class DataConfig:
         if self.feature_converter not in FEATURE_CONVERTERS:
             raise ConfigError(f"DataConfig.feature_converter must be one of {FEATURE_CONVERTERS}, "
                               f"got {self.feature_converter!r}")
+        if self.shuffle_buffer_size is not None and self.shuffle_buffer_size <= 0:
+            raise ConfigError("DataConfig.shuffle_buffer_size must be positive or None, got "
+                              f"{self.shuffle_buffer_size}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ConfigError(f"DataConfig.num_epochs must be positive or None, got "
                               f"{self.num_epochs}")
@@ -133,10 +137,16 @@ def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int =
     if num_shards > 1 and _shards_before_shuffling(provider, config.split, num_shards):
         seed = shard_seed(config.seed, shard_index, num_shards)
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+    extra = {}
+    if config.shuffle_buffer_size is not None:
+        if isinstance(provider, seqio.Mixture):
+            raise ConfigError("DataConfig.shuffle_buffer_size applies to a task, not to mixture "
+                              f"{config.mixture_or_task_name!r}; leave it None")
+        extra["shuffle_buffer_size"] = config.shuffle_buffer_size
     ds = provider.get_dataset(
         sequence_length=config.task_feature_lengths, split=config.split,
         use_cached=config.use_cached, shuffle=config.shuffle, seed=seed,
-        shard_info=shard_info, num_epochs=config.num_epochs)
+        shard_info=shard_info, num_epochs=config.num_epochs, **extra)
     converter = make_feature_converter(config.feature_converter, config.pack)
     ds = converter(ds, config.task_feature_lengths)
     if config.finite:

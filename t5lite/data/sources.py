@@ -117,7 +117,8 @@ class TextDocumentSource(seqio.DataSource):
         shard_documents = num_shards > 1 and len(files) < num_shards
         if num_shards > 1 and not shard_documents:
             files = files[index::num_shards]
-        if shuffle and len(files) > 1:
+        # With document-level sharding every host must see the files in the same order.
+        if shuffle and len(files) > 1 and not shard_documents:
             order = np.random.default_rng(seed).permutation(len(files))
             files = [files[i] for i in order]
         ds = self._file_dataset(files)
