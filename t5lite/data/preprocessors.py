@@ -9,7 +9,8 @@ The pipeline, all in tf.data ops (no per-token Python):
 2. Groups of 128 documents (`ragged_batch`); in each group every document is given to one
    denoiser (stateless draw with the mixing rates). Span denoisers concatenate their documents
    and cut chunks of their own length T; prefix-LM denoisers cut each document separately into
-   chunks of `inputs - 1` (minus the paradigm token). The chunks of a group are shuffled.
+   chunks of `inputs - 1` (minus the paradigm token). With several denoisers the chunks of a
+   group are shuffled; with one they stay in document order.
 3. Each chunk is corrupted by its denoiser (`tf.switch_case`), and the paradigm token ids are
    prepended to the inputs.
 
@@ -85,6 +86,9 @@ def _assign_and_chunk(plan: Plan):
             ids.append(tf.fill([rows.nrows(out_type=tf.int32)], k))
         rows = tf.concat(pieces, axis=0)
         ids = tf.concat(ids, axis=0)
+        if len(probs) == 1:  # one denoiser: chunks stay in document order, as in T5
+            return {"targets": rows, DENOISER_KEY: ids}
+        # Several: interleave the denoisers' chunks (else each group emits them in blocks).
         order = tf.argsort(tf.random.stateless_uniform([tf.size(ids)], seed=seeds[1]))
         return {"targets": tf.gather(rows, order), DENOISER_KEY: tf.gather(ids, order)}
 
