@@ -28,7 +28,9 @@ flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
 flags.DEFINE_string("sequence_length", None,
                     "task feature lengths, e.g. inputs:512,targets:114 (default: the task's)")
 flags.DEFINE_integer("seed", 0, "data seed (same seed, same examples)")
-flags.DEFINE_list("module", ["t5lite_tasks"], "modules to import that register tasks")
+if "module_import" not in FLAGS:  # the same flag as `t5lite train/eval` (T5X's name)
+    flags.DEFINE_multi_string("module_import", ["t5lite_tasks"],
+                              "modules that register SeqIO tasks / mixtures (repeatable)")
 flags.DEFINE_boolean("shuffle", True, "shuffle as in training (False: file order)")
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> None:
     from t5lite.data.registry import (default_sequence_length, import_task_modules,
                                       parse_sequence_length)
 
-    import_task_modules(FLAGS.module)
+    import_task_modules(FLAGS.module_import)
     lengths = (parse_sequence_length(FLAGS.sequence_length) if FLAGS.sequence_length
                else None)
     records = show_examples(FLAGS.task, split=FLAGS.split, num=FLAGS.num,
