@@ -70,8 +70,7 @@ def to_pure(state: Any) -> Any:
 def axes_to_pure(axes_tree: Any) -> Any:
     """A logical-axes tree shaped like an nnx.State -> nested dict of axis tuples."""
     if isinstance(axes_tree, nnx.State):
-        axes_tree = axes_tree.to_pure_dict() if hasattr(axes_tree, "to_pure_dict") else dict(
-            axes_tree)
+        axes_tree = nnx.to_pure_dict(axes_tree)
 
     def walk(node: Any) -> Any:
         if is_axes(node):
