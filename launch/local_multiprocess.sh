@@ -1,38 +1,30 @@
 #!/usr/bin/env bash
-# Run `t5lite train` as N cooperating processes on this machine (loopback only), each with its own
-# share of the CPU devices. This is a real multi-host run in miniature: jax.distributed, gloo
-# collectives, one data shard per process, checkpoints written cooperatively.
+# Run `t5lite train` as N local processes (multi-host rehearsal on one machine, CPU devices,
+# gloo collectives). Every process gets DEVICES simulated CPU devices; the mesh spans all of them.
 #
-#   launch/local_multiprocess.sh 2 4 --gin_file=gin/demo.gin --model_dir=runs/demo_2proc
-#     -> 2 processes x 4 CPU devices each (a global mesh of 8 devices)
+#   launch/local_multiprocess.sh 2 4 --gin_file=gin/demo.gin --model_dir=runs/mp_demo
 #
-# Logs: MODEL_DIR/process_<i>.log. Exits with the first non-zero status of any process.
+# Process 0 writes metrics and model-dir files; all processes write their checkpoint shards.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS t5lite-train-flags..." >&2
   exit 2
 fi
-num_processes=$1; devices=$2; shift 2
-model_dir=""
-for arg in "$@"; do
-  case "$arg" in --model_dir=*) model_dir=${arg#--model_dir=} ;; esac
-done
-[ -n "$model_dir" ] || { echo "error: pass --model_dir=DIR" >&2; exit 2; }
-mkdir -p "$model_dir"
-t5lite=${T5LITE:-$(dirname "$0")/../.venv/bin/t5lite}
-port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+NUM=$1; DEVICES=$2; shift 2
+cd "$(dirname "$0")/.."
+PORT=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
-for ((i = 0; i < num_processes; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
-    "$t5lite" train "$@" --coordinator_address="127.0.0.1:$port" \
-    --num_processes="$num_processes" --process_id="$i" --cpu_collectives=gloo \
-    > "$model_dir/process_$i.log" 2>&1 &
+for ((i = 0; i < NUM; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" \
+  T5LITE_COORDINATOR_ADDRESS="127.0.0.1:${PORT}" T5LITE_NUM_PROCESSES="${NUM}" \
+  T5LITE_PROCESS_ID="${i}" \
+    .venv/bin/t5lite train --cpu_collectives=gloo "$@" &
   pids+=($!)
 done
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+# forward a stop request (preemption rehearsal) to every process
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || { s=$?; [ $status -ne 0 ] || status=$s; }
+  wait "$pid" || status=$?
 done
-tail -n 5 "$model_dir/process_0.log"
 exit $status

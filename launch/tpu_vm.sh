@@ -1,25 +1,17 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: copy this checkout to every worker, install, and start
-# `t5lite train` on all workers at once. JAX discovers the pod topology itself
-# (T5LITE_DISTRIBUTED=auto -> jax.distributed.initialize() with no arguments).
+# Train on a Cloud TPU VM slice (v4/v5e/v5p/v6e): the same command on every worker; JAX finds
+# the other hosts by itself (T5LITE_DISTRIBUTED=auto -> jax.distributed.initialize()).
 #
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b MODEL_DIR=gs://bucket/runs/small \
-#     launch/tpu_vm.sh --gin_file=gin/models/t5_1_1/small.gin --gin_file=gin/runs/pretrain.gin \
-#       --gin.MIXTURE_OR_TASK_NAME=c4_span_corruption
+#   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_vm.sh \
+#       --gin_file=gin/models/t5_1_1/base.gin --gin_file=gin/runs/pretrain.gin \
+#       --gin.MIXTURE_OR_TASK_NAME=c4_span_corruption --model_dir=gs://bucket/t5_base
 #
-# MODEL_DIR should be a gs:// path (shared by all workers; Orbax writes it cooperatively).
-# Preemption: the TPU runtime sends SIGTERM; t5lite saves the current step and exits 0, and
-# running this script again resumes from that checkpoint.
+# The checkout is expected at ~/t5lite on every worker (`make install` there once). The model dir
+# must be on storage that every host sees (a GCS bucket). Preemption: the TPU runtime sends
+# SIGTERM; t5lite saves the current step and exits 0, so re-running this command resumes.
 set -euo pipefail
-: "${TPU_NAME:?set TPU_NAME}"; : "${ZONE:?set ZONE}"; : "${MODEL_DIR:?set MODEL_DIR}"
-PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
-REMOTE_DIR=${REMOTE_DIR:-t5lite}
-# jax for TPU: the libtpu wheel comes from the jax[tpu] extra.
-INSTALL="cd $REMOTE_DIR && python3.11 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]>=0.10,<0.11'"
+: "${TPU:?set TPU to the TPU VM name}"
+: "${ZONE:?set ZONE to its zone}"
 ARGS=$(printf ' %q' "$@")
-
-tar czf /tmp/t5lite-src.tgz --exclude=.venv --exclude=runs --exclude=.git .
-gcloud compute tpus tpu-vm scp /tmp/t5lite-src.tgz "$TPU_NAME":/tmp/ --worker=all --zone="$ZONE" $PROJECT_FLAG
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --zone="$ZONE" $PROJECT_FLAG --command="
-  mkdir -p $REMOTE_DIR && tar xzf /tmp/t5lite-src.tgz -C $REMOTE_DIR && ($INSTALL) &&
-  cd $REMOTE_DIR && T5LITE_DISTRIBUTED=auto .venv/bin/t5lite train --model_dir=$MODEL_DIR $ARGS"
+gcloud compute tpus tpu-vm ssh "${TPU}" --zone="${ZONE}" --worker=all \
+  --command="cd ~/t5lite && T5LITE_DISTRIBUTED=auto .venv/bin/t5lite train${ARGS}"
