@@ -4,10 +4,10 @@
 #
 #   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_vm.sh \
 #       --gin_file=gin/models/t5_1_1/base.gin --gin_file=gin/runs/pretrain.gin \
-#       --gin.MIXTURE_OR_TASK_NAME=c4_span_corruption --model_dir=gs://bucket/t5_base
+#       --gin.MIXTURE_OR_TASK_NAME=c4_span_corruption --model_dir=/mnt/gcs/t5_base
 #
 # The checkout is expected at ~/t5lite on every worker (`make install` there once). The model dir
-# must be on storage that every host sees (a GCS bucket). Preemption: the TPU runtime sends
+# must be a path that every host sees (e.g. a bucket mounted with gcsfuse at /mnt/gcs). Preemption: the TPU runtime sends
 # SIGTERM; t5lite saves the current step and exits 0, so re-running this command resumes.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}"
