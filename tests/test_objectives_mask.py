@@ -1,4 +1,4 @@
-"""Noise mask, sentinels, lengths and prefix-LM split: every invariant of objectives.md §1–§4."""
+"""Noise mask, sentinels, lengths, prefix-LM split: every invariant of objectives.md §1–§4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UL2 mixture of denoisers, prefix LM and BART as tf.data preprocessors (objectives.md §4–§6)."""
+"""UL2 mixture of denoisers, prefix LM and BART as tf.data preprocessors (objectives.md §4-6)."""
 
 from __future__ import annotations
 

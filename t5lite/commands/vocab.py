@@ -16,7 +16,8 @@ from absl import flags
 from t5lite.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("input", None, "comma-separated training text files (.txt, .jsonl, optionally .gz)")
+flags.DEFINE_list("input", None,
+                  "comma-separated training text files (.txt, .jsonl, optionally .gz)")
 flags.DEFINE_integer("vocab_size", 8000, "number of SentencePiece pieces (extra ids come on top)")
 flags.DEFINE_string("output", None, "output prefix: writes PREFIX.model and PREFIX.vocab")
 flags.DEFINE_string("text_key", "text", "JSON field holding the text in .jsonl inputs")

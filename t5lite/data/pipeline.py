@@ -19,6 +19,7 @@ own seed for the random corruption, so hosts do not repeat one another's noise m
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -29,6 +30,9 @@ from t5lite.data.registry import get_task_or_mixture
 from t5lite.errors import ConfigError
 
 FEATURE_CONVERTERS = ("enc_dec", "prefix_lm")
+# SeqIO hands out per-preprocessor seeds from a process-global counter while a dataset is built;
+# building two streams at once from two threads would interleave it and break determinism.
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +147,11 @@ def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int =
             raise ConfigError("DataConfig.shuffle_buffer_size applies to a task, not to mixture "
                               f"{config.mixture_or_task_name!r}; leave it None")
         extra["shuffle_buffer_size"] = config.shuffle_buffer_size
-    ds = provider.get_dataset(
-        sequence_length=config.task_feature_lengths, split=config.split,
-        use_cached=config.use_cached, shuffle=config.shuffle, seed=seed,
-        shard_info=shard_info, num_epochs=config.num_epochs, **extra)
+    with _BUILD_LOCK:
+        ds = provider.get_dataset(
+            sequence_length=config.task_feature_lengths, split=config.split,
+            use_cached=config.use_cached, shuffle=config.shuffle, seed=seed,
+            shard_info=shard_info, num_epochs=config.num_epochs, **extra)
     converter = make_feature_converter(config.feature_converter, config.pack)
     ds = converter(ds, config.task_feature_lengths)
     if config.finite:

@@ -14,8 +14,9 @@ Example (a JSONL corpus, T5 span corruption, the demo vocabulary)::
         default_sequence_length={"inputs": 512, "targets": 114})
 
 Then `t5lite data --module_import=my_tasks --task=my_span_corruption` shows what the model
-sees, and `MIXTURE_OR_TASK_NAME = "my_span_corruption"` trains on it. `tfds_source("c4/en:3.1.0")` reads a
-TFDS dataset instead. Registering a name again replaces the task (re-importing is harmless).
+sees, and `MIXTURE_OR_TASK_NAME = "my_span_corruption"` trains on it.
+`tfds_source("c4/en:3.1.0")` reads a TFDS dataset instead. Registering a name again replaces
+the task (re-importing is harmless).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def register() -> None:
                                default_sequence_length=FULL_LENGTHS)
     tasks.add_task(
         "demo_copy", src,
-        {"inputs": seqio.Feature(vocab, add_eos=True), "targets": seqio.Feature(vocab, add_eos=True)},
+        {"inputs": seqio.Feature(vocab, add_eos=True),
+         "targets": seqio.Feature(vocab, add_eos=True)},
         [copy_examples,
          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True),
          seqio.preprocessors.append_eos_after_trim],
