@@ -37,7 +37,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     async_checkpointing: bool = True
-    cache_eval_batches: bool = True  # keep the validation batches in host memory between evals
+    cache_eval_batches: bool = True  # keep the eval_steps validation batches in host memory
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:

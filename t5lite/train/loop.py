@@ -220,7 +220,7 @@ def _run(setup: TrainSetup, state, data_position: int, plan, data: DataSource, m
             batches = data.eval_batches(shard)
             if batches is None:
                 return
-            if tc.cache_eval_batches:
+            if tc.cache_eval_batches and tc.eval_steps is not None:
                 batches = list(_take(batches, tc.eval_steps))
                 eval_cache = batches
         t0 = time.time()
