@@ -96,8 +96,10 @@ def format_report(m: dict[str, Any]) -> str:
              f"  accuracy  {m['accuracy']:.4f}"]
     if "unigram_entropy" in m:
         ent = m["unigram_entropy"]
+        gap = ent - m["loss"]
         lines.append(f"  unigram entropy of these targets {ent:.4f} nats/token (the loss of a "
-                     f"model that ignores context); the model is {ent - m['loss']:+.4f} below")
+                     f"model that ignores context); the model's loss is {abs(gap):.4f} "
+                     f"{'below' if gap >= 0 else 'above'} it")
     for key, value in m.items():
         if key not in ("loss", "accuracy", "unigram_entropy", "target_tokens", "eval_batches",
                        "task", "eval_split", "source", "step") and isinstance(value, float):
@@ -116,12 +118,11 @@ def main(argv: list[str]) -> None:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
-    from absl import logging as absl_logging
-
+    import t5lite.checkpoint  # noqa: F401  (imports Orbax before its logging is quietened)
+    from t5lite.commands.train import quiet_library_logs
     from t5lite.parallel.hosts import initialize_distributed
 
-    if FLAGS["verbosity"].using_default_value:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TF progress chatter
+    quiet_library_logs()
 
     initialize_distributed()
     gin_setup.parse_gin(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS))

@@ -46,6 +46,16 @@ class TrainRun:
     data_config: object
 
 
+def quiet_library_logs() -> None:
+    """Hide Orbax's / TensorFlow's INFO chatter unless --verbosity was given."""
+    if any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        return
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def configure(gin_files: list[str], bindings: list[str]) -> TrainRun:
     """Parse gin and build the configured dataclasses (UserError on bad input)."""
     gin_setup.parse_gin(gin_files, bindings)
@@ -64,6 +74,7 @@ def run(gin_files: list[str], bindings: list[str], model_dir: str,
     from t5lite.train.data_source import SeqioData
     from t5lite.train.loop import train
 
+    quiet_library_logs()
     if not gin_files:
         raise UserError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
     cfg = configure(gin_files, bindings)
@@ -97,12 +108,8 @@ def main(argv: list[str]) -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required (where checkpoints and metrics go).")
     logging.getLogger("t5lite").setLevel(logging.INFO)
-    from absl import logging as absl_logging
-
     from t5lite.parallel.hosts import initialize_distributed
 
-    if FLAGS["verbosity"].using_default_value:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TF progress chatter
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.cpu_collectives)
