@@ -66,9 +66,29 @@ PRESETS = {  # --model NAME -> gin file
 
 def model_config_from_gin(gin_files: list[str], bindings: list[str] | None = None
                           ) -> ModelConfig:
-    """The ModelConfig a `t5lite train --gin_file=...` run would build from these files."""
-    from t5lite.commands import gin_setup
+    """The ModelConfig a `t5lite train --gin_file=...` run would build from these files.
 
+    Uses the CLI's gin edge when the data stack (seqio, TensorFlow) is installed; otherwise
+    (e.g. a bare accelerator image with only JAX) registers `ModelConfig` alone, which is all
+    the model gin files bind.
+    """
+    try:
+        from t5lite.commands import gin_setup
+
+        gin_setup.register_configurables()
+    except ImportError:
+        import gin
+
+        try:
+            gin.external_configurable(ModelConfig, name="ModelConfig")
+        except ValueError:
+            pass  # already registered in this process
+        gin.clear_config()
+        for path in gin_files:
+            gin.parse_config_file(path if os.path.exists(path) else os.path.join(ROOT, path))
+        for binding in bindings or []:
+            gin.parse_config(binding)
+        return gin.get_configurable("ModelConfig")()
     gin_setup.parse_gin(gin_files, bindings or [])
     return gin_setup.build("ModelConfig")
 
@@ -224,10 +244,11 @@ def machine() -> dict:
 def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
         steps: int, warmup: int, optimizer: OptimizerConfig | None = None, packed: bool = False,
         measure_peak: bool = True, peak_sizes=(512, 1024, 2048), profile_dir: str | None = None,
-        log=print) -> dict:
+        mesh=None, log=print) -> dict:
     """Build, compile and time the train step; returns the result record (see module doc)."""
     bench = TrainStepBench(model_config, batch_size=batch_size, inputs_length=inputs_length,
-                           targets_length=targets_length, optimizer=optimizer, packed=packed)
+                           targets_length=targets_length, optimizer=optimizer, packed=packed,
+                           mesh=mesh)
     compile_s = bench.compile()
     log(f"compiled in {compile_s:.1f} s")
     bench.time_steps(warmup)

@@ -45,12 +45,12 @@ from t5lite.train.losses import LossConfig  # noqa: E402
 
 
 def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
-                  steps: int, warmup: int, threads: int, log=print) -> dict:
+                  steps: int, warmup: int, threads: int, mesh=None, log=print) -> dict:
     """Alternate t5lite and transformers AdamW steps on the same batch; medians and ratio."""
     host = synthetic_batch(batch_size, inputs_length, targets_length, cfg.vocab_size)
     ours = TrainStepBench(cfg, batch_size=batch_size, inputs_length=inputs_length,
                           targets_length=targets_length, optimizer=adamw_config(),
-                          loss=LossConfig(z_loss=0.0))
+                          loss=LossConfig(z_loss=0.0), mesh=mesh)
     compile_s = ours.compile()
     log(f"t5lite train step compiled in {compile_s:.1f} s")
     theirs = HFTrainStep(cfg, host, threads=threads)
@@ -92,23 +92,35 @@ def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_
 
 
 def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tokens: int,
-                   repeats: int, threads: int, log=print) -> dict:
-    """Greedy decoding, t5lite Generator vs transformers generate, same weights, alternating."""
-    import torch
+                   repeats: int, threads: int, with_transformers: bool = True,
+                   log=print) -> dict:
+    """Greedy decoding, t5lite Generator vs transformers generate, same weights, alternating.
 
+    with_transformers=False times t5lite alone on random weights (accelerator machines, where
+    transformers is not installed)."""
     from t5lite.models.decoding import DecodeConfig
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    hf_model = build_hf_model(cfg).eval()
-    gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len)
+    if with_transformers:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        hf_model = build_hf_model(cfg).eval()
+        gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len)
+    else:
+        from flax import nnx
+
+        from t5lite.inference import Generator
+        from t5lite.models import build_model
+
+        gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None,
+                        max_input_len=input_len, batch_size=batch_size)
     rng = np.random.default_rng(1)
     ids = rng.integers(3, min(cfg.vocab_size, 32000), size=(batch_size, input_len),
                        dtype=np.int32)
     ids[:, -1] = 1  # EOS ends every input, as tokenised text does
     rows = [list(r) for r in ids]
     config = DecodeConfig(method="greedy", max_decode_len=new_tokens, eos_id=-1)
-    hf_gen = HFGenerate(hf_model, ids, new_tokens)
 
     def ours():
         return gen.generate_ids(rows, config)[0][:, 0]
@@ -116,6 +128,18 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
     start = time.perf_counter()
     our_tokens = ours()  # compile + first run
     first_s = time.perf_counter() - start
+    if not with_transformers:
+        log(f"t5lite decode compiled + ran once in {first_s:.1f} s")
+        t_ours = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ours()
+            t_ours.append(time.perf_counter() - start)
+        ours_s = statistics.median(t_ours)
+        return {"t5lite_decode_s": ours_s, "t5lite_decode_times_s": t_ours,
+                "t5lite_tokens_per_s": batch_size * new_tokens / ours_s,
+                "t5lite_first_call_s": first_s, "new_tokens": [int(our_tokens.shape[1])]}
+    hf_gen = HFGenerate(hf_model, ids, new_tokens)
     hf_tokens = hf_gen.run().numpy()[:, 1:]  # warm-up; drop the decoder start token
     log(f"t5lite decode compiled + ran once in {first_s:.1f} s")
     t_ours, t_theirs = [], []
@@ -157,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch intra-op threads (default: all cores, as JAX uses)")
     parser.add_argument("--skip_train", action="store_true")
     parser.add_argument("--skip_decode", action="store_true")
+    parser.add_argument("--skip_transformers", action="store_true",
+                        help="t5lite decoding alone, random weights (no torch needed)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -169,11 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "vs_transformers", "gin_files": files, "dtype": cfg.dtype,
               "batch_size": args.batch_size, "inputs_length": args.inputs_length,
               "targets_length": args.targets_length, "machine": machine()}
-    import torch
-    import transformers
+    if not args.skip_transformers:
+        import torch
+        import transformers
 
-    result["machine"].update(torch=torch.__version__, transformers=transformers.__version__)
-    if not args.skip_train:
+        result["machine"].update(torch=torch.__version__,
+                                 transformers=transformers.__version__)
+    if not args.skip_train and not args.skip_transformers:
         train = compare_train(cfg, batch_size=args.batch_size, inputs_length=args.inputs_length,
                               targets_length=args.targets_length, steps=args.steps,
                               warmup=args.warmup, threads=args.threads)
@@ -186,8 +214,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_decode:
         dec = compare_decode(cfg, batch_size=args.decode_batch, input_len=args.decode_input_len,
                              new_tokens=args.new_tokens, repeats=args.decode_repeats,
-                             threads=args.threads)
+                             threads=args.threads,
+                             with_transformers=not args.skip_transformers)
         result["decode"] = dec
+    if not args.skip_decode and args.skip_transformers:
+        print(f"decode t5lite {dec['t5lite_tokens_per_s']:.1f} tokens/s "
+              f"({dec['t5lite_decode_s']:.3f} s for batch {args.decode_batch} x "
+              f"{args.new_tokens} tokens)", flush=True)
+    elif not args.skip_decode:
         print(f"decode t5lite {dec['t5lite_tokens_per_s']:.1f} tokens/s "
               f"({dec['t5lite_decode_s']:.2f} s), transformers "
               f"{dec['transformers_tokens_per_s']:.1f} tokens/s "
@@ -198,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"vs_transformers_{cfg.dtype}.json")
+    if args.skip_transformers and not args.out:
+        out = out.replace("vs_transformers_", "decode_t5lite_only_")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

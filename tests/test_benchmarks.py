@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark scripts' core functions on a tiny model (1 step each).
+
+No timing is asserted: these check that the benchmarks build the real train step and decoding
+paths, report consistent fields, and that gpu.sh is valid bash.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from t5lite.config import ModelConfig  # noqa: E402
+from t5lite.train.flops import train_flops_per_step  # noqa: E402
+
+TINY = ModelConfig(vocab_size=128, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                   num_encoder_layers=1, num_decoder_layers=1)
+
+
+def _single_mesh():
+    from t5lite.parallel.mesh import single_device_mesh
+
+    return single_device_mesh()
+
+
+def test_synthetic_batch_packed_layout():
+    from train_step import synthetic_batch
+
+    b = synthetic_batch(2, 8, 6, 50, packed=True)
+    assert b["encoder_segment_ids"][0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert b["decoder_positions"][0].tolist() == [0, 1, 2, 0, 1, 2]
+    # every segment's decoder input starts with the start token 0, then the shifted targets
+    assert b["decoder_input_tokens"][0, 0] == 0 and b["decoder_input_tokens"][0, 3] == 0
+    assert b["decoder_input_tokens"][0, 1] == b["decoder_target_tokens"][0, 0]
+    plain = synthetic_batch(2, 8, 6, 50)
+    assert "encoder_segment_ids" not in plain and plain["encoder_input_tokens"].min() >= 2
+
+
+def test_train_step_run_reports_consistent_numbers():
+    from train_step import run
+
+    result = run(TINY, batch_size=2, inputs_length=16, targets_length=8, steps=1, warmup=0,
+                 measure_peak=False, packed=True, mesh=_single_mesh(), log=lambda *a: None)
+    assert result["model_flops"] == train_flops_per_step(TINY, 2, 16, 8)
+    assert result["tokens_per_s"] == pytest.approx(2 * 24 / result["step_s"])
+    assert math.isfinite(result["last_loss"]) and result["compile_s"] > 0
+    assert result["xla_flops"] is None or result["xla_flops"] > 0
+    assert result["mfu"] is None  # CPU without the measured peak
+
+
+def test_matmul_peak_small():
+    from matmul_peak import matmul_peak
+
+    r = matmul_peak("float32", sizes=(32, 64), repeats=1)
+    assert r["best_size"] in (32, 64) and r["flops_per_sec"] > 0
+
+
+def test_vs_transformers_train_and_decode_one_step():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from vs_transformers import compare_decode, compare_train
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    train = compare_train(TINY, batch_size=2, inputs_length=16, targets_length=8, steps=1,
+                          warmup=0, threads=1, mesh=_single_mesh(), log=quiet)
+    assert train["ratio"] == pytest.approx(train["transformers_step_s"] / train["t5lite_step_s"])
+    dec = compare_decode(TINY, batch_size=2, input_len=12, new_tokens=4, repeats=1, threads=1,
+                         log=quiet)
+    assert dec["new_tokens"] == [4, 4]  # EOS disabled on both sides
+    # same weights, float32: greedy tokens agree
+    assert dec["token_agreement"] == 1.0
+
+
+def test_gpu_script_is_valid_bash():
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
