@@ -76,7 +76,8 @@ class TrainResult:
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; installed only while the loop runs (main thread only)."""
+    """Set by SIGTERM / SIGINT; installed only while the loop runs (main thread only).
+    The loop saves and stops at the next step boundary; a second Ctrl-C aborts at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -90,6 +91,8 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         del frame
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         self.signal = signum
 
     def __exit__(self, *exc) -> None:
