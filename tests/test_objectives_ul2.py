@@ -89,8 +89,8 @@ def test_ul2_span_denoisers_use_their_own_sentinels(vocab, ul2_examples):
 
 
 @pytest.mark.parametrize("rates", ["uniform", "ul2r", (1, 0, 2, 0, 0, 1, 4)])
-def test_ul2_document_frequencies_follow_rates(vocab, rates):
-    objective = denoisers.ul2(rates)
+def test_ul2_document_frequencies_follow_document_rates(vocab, rates):
+    objective = denoisers.ul2(rates, rate_unit="documents")
     plan = objective.plan({"inputs": 256, "targets": 256}, vocab)
     # 4000 documents of 20 tokens each: each document's tokens all go to one denoiser, so the
     # token share of a denoiser is its share of documents.
@@ -106,6 +106,23 @@ def test_ul2_document_frequencies_follow_rates(vocab, rates):
     assert total == 4000 * 20
     for k, p in enumerate(plan.probabilities):
         assert abs(tokens[k] / total - p) < 0.025, (k, tokens[k] / total, p)
+
+
+@pytest.mark.parametrize("rates", ["uniform", "ul2r"])
+def test_ul2_example_frequencies_follow_rates(vocab, rates):
+    plan = denoisers.ul2(rates).plan({"inputs": 128, "targets": 128}, vocab)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(30, 600, size=3000)
+    docs = [rng.integers(10, 7000, size=n).astype(np.int32) for n in lengths]
+    ds = tf.data.Dataset.from_generator(lambda: iter({"targets": d} for d in docs),
+                                        output_signature={"targets": tf.TensorSpec([None],
+                                                                                   tf.int32)})
+    examples = _run(lambda: preprocessors.denoise(ds, plan, keep_denoiser_id=True), seed=2)
+    counts = collections.Counter(int(e["denoiser"]) for e in examples)
+    total = sum(counts.values())
+    assert total > 5000
+    for k, p in enumerate(plan.probabilities):
+        assert abs(counts[k] / total - p) < 0.03, (plan.denoisers[k].name, counts[k] / total, p)
 
 
 def test_ul2r_preset_rates():

@@ -1,9 +1,14 @@
 """Denoising objectives as configuration: T5 span corruption, prefix LM and the UL2 mixture.
 
 An objective is a tuple of `Denoiser`s with mixing rates. Each document goes to exactly one
-denoiser (chosen with probability proportional to its rate), which cuts it into chunks of its own
-length and corrupts them; the paradigm token, if any, is prepended afterwards at encoder position
-0 and is never masked. `plan()` turns an objective plus sequence lengths and a vocabulary into the
+denoiser, which cuts it into chunks of its own length and corrupts them; the paradigm token, if
+any, is prepended afterwards at encoder position 0 and is never masked. Rates are shares of the
+*examples* the model sees (`rate_unit="examples"`, the default, like SeqIO mixture rates): a
+document of n tokens goes to denoiser k with probability proportional to rate_k / e_k(n), where
+e_k(n) is the number of examples k makes of it (n / T_k when k concatenates documents into chunks
+of T_k tokens, ceil(n / L_k) when it cuts each document into chunks of L_k), so every document
+contributes examples in the configured proportions. With `rate_unit="documents"` rates are shares
+of documents instead (UL2's appendix code: one denoiser per document shard). `plan()` turns an objective plus sequence lengths and a vocabulary into the
 exact per-denoiser chunk lengths, and refuses configurations that cannot work (too few sentinels,
 a targets length that would silently cut the targets, a length too short to corrupt).
 
@@ -24,6 +29,7 @@ from t5lite.data import objectives
 from t5lite.errors import ConfigError
 
 SPAN, PREFIX = "span", "prefix"
+RATE_UNITS = ("examples", "documents")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Denoiser:
     """One denoiser. `kind` is "span" (T5 span corruption: noise_density d, mean span length μ)
     or "prefix" (prefix LM; d=0.5 gives a uniform split point). `paradigm` is the token string
     prepended to the encoder input after corruption (UL2: "[NLU]", "[NLG]", "[S2S]"), or None.
-    `rate` is the relative probability that a document goes to this denoiser."""
+    `rate` is this denoiser's relative share of the mixture (see `DenoisingObjective`)."""
 
     kind: str
     noise_density: float
@@ -78,6 +84,7 @@ class Plan:
     denoisers: tuple[Denoiser, ...]
     lengths: tuple[DenoiserLengths, ...]
     vocab_size: int
+    rate_unit: str = "examples"
 
     @property
     def probabilities(self) -> tuple[float, ...]:
@@ -128,10 +135,13 @@ class DenoisingObjective:
 
     denoisers: tuple[Denoiser, ...]
     name: str = "denoising"
+    rate_unit: str = "examples"  # or "documents"
 
     def __post_init__(self) -> None:
         if not self.denoisers:
             raise ConfigError("an objective needs at least one denoiser")
+        if self.rate_unit not in RATE_UNITS:
+            raise ConfigError(f"rate_unit must be one of {RATE_UNITS}, got {self.rate_unit!r}")
         object.__setattr__(self, "denoisers", tuple(self.denoisers))
         if sum(d.rate for d in self.denoisers) <= 0:
             raise ConfigError("denoiser rates must not all be zero")
@@ -181,7 +191,7 @@ class DenoisingObjective:
                     f"{d.name} at inputs length {inputs_length} makes targets of up to "
                     f"{out[-1].targets_length} tokens (EOS included); set targets to at least "
                     f"{max(x.targets_length for x in out)}")
-        return Plan(self.denoisers, tuple(out), vocab.vocab_size)
+        return Plan(self.denoisers, tuple(out), vocab.vocab_size, self.rate_unit)
 
     def min_targets_length(self, inputs_length: int, vocab) -> int:
         """The smallest targets length that `plan` accepts for `inputs_length`."""
@@ -219,12 +229,12 @@ UL2_UNIFORM_RATES = (1, 1, 1, 1, 1, 1, 1)
 UL2R_RATES = (0.25, 0.0, 0.0625, 0.0625, 0.0625, 0.0625, 0.5)
 
 
-def ul2(rates: Sequence[float] | str = "uniform",
-        s_noise_density: float = 0.25) -> DenoisingObjective:
+def ul2(rates: Sequence[float] | str = "uniform", s_noise_density: float = 0.25,
+        rate_unit: str = "examples") -> DenoisingObjective:
     """The UL2 mixture of denoisers: R (μ=3/8, d=0.15, `[NLU]`), X (μ=3/8, d=0.5; μ=64,
     d=0.15/0.5, `[NLG]`), S (prefix LM, `[S2S]`). `rates`: "uniform" (the paper's appendix code),
-    "ul2r" (50 % S, 25 % R, 25 % X) or seven numbers in the order above. Rates are the
-    probabilities that a *document* goes to each denoiser."""
+    "ul2r" (50 % S, 25 % R, 25 % X) or seven numbers in the order above; they are shares of
+    examples, or of documents with `rate_unit="documents"`."""
     if isinstance(rates, str):
         presets = {"uniform": UL2_UNIFORM_RATES, "ul2r": UL2R_RATES}
         if rates not in presets:
@@ -236,4 +246,4 @@ def ul2(rates: Sequence[float] | str = "uniform",
         raise ConfigError(f"UL2 needs seven rates (R3, R8, X3, X8, X64a, X64b, S), got {rates}")
     denoisers = tuple(dataclasses.replace(d, rate=r)
                       for d, r in zip(_ul2_denoisers(s_noise_density), rates) if r > 0)
-    return DenoisingObjective(denoisers, name="ul2")
+    return DenoisingObjective(denoisers, name="ul2", rate_unit=rate_unit)

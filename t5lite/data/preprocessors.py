@@ -7,7 +7,7 @@ The pipeline, all in tf.data ops (no per-token Python):
 
 1. `select_random_chunk`: documents longer than 65,536 tokens keep one random aligned window.
 2. Groups of 128 documents (`ragged_batch`); in each group every document is given to one
-   denoiser (stateless draw with the mixing rates). Span denoisers concatenate their documents
+   denoiser (a stateless draw; see `denoisers.DenoisingObjective` for the probabilities). Span denoisers concatenate their documents
    and cut chunks of their own length T; prefix-LM denoisers cut each document separately into
    chunks of `inputs - 1` (minus the paradigm token). With several denoisers the chunks of a
    group are shuffled; with one they stay in document order.
@@ -54,9 +54,22 @@ def _split_rows(values: tf.Tensor, starts: tf.Tensor) -> tf.RaggedTensor:
     return tf.RaggedTensor.from_row_starts(values, tf.cast(starts, tf.int64), validate=False)
 
 
+def _assignment_logits(plan: Plan, doc_lengths: tf.Tensor) -> tf.Tensor:
+    """`[num_docs, num_denoisers]` log-probabilities of sending each document to each denoiser:
+    log(rate_k) for rate_unit "documents"; log(rate_k / e_k(n)) for "examples", where e_k(n) is
+    the number of examples denoiser k makes of a document of n tokens."""
+    log_rates = tf.math.log(tf.constant(plan.probabilities, tf.float32))[None, :]
+    n = tf.cast(tf.maximum(doc_lengths, 1), tf.float32)[:, None]
+    if plan.rate_unit == "documents":
+        return tf.broadcast_to(log_rates, [tf.shape(n)[0], len(plan.probabilities)])
+    chunk = tf.constant([[float(x.chunk_length) for x in plan.lengths]], tf.float32)
+    concatenated = tf.constant([[x.concatenate for x in plan.lengths]])
+    examples = tf.where(concatenated, n / chunk, tf.math.ceil(n / chunk))
+    return log_rates - tf.math.log(examples)
+
+
 def _assign_and_chunk(plan: Plan):
     probs = plan.probabilities
-    logits = tf.math.log(tf.constant([probs], tf.float32))
 
     @seqio.map_over_dataset(num_seeds=1)
     def assign(docs: tf.RaggedTensor, seed):
@@ -65,8 +78,8 @@ def _assign_and_chunk(plan: Plan):
         seeds = tf.random.experimental.stateless_split(seed, 2)
         num_docs = docs.nrows(out_type=tf.int32)
         if len(probs) > 1:
-            which = tf.random.stateless_categorical(logits, num_docs, seeds[0],
-                                                    dtype=tf.int32)[0]
+            logits = _assignment_logits(plan, docs.row_lengths())
+            which = tf.random.stateless_categorical(logits, 1, seeds[0], dtype=tf.int32)[:, 0]
         else:
             which = tf.zeros([num_docs], tf.int32)
         pieces, ids = [], []
