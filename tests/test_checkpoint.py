@@ -16,7 +16,7 @@ from t5lite.errors import UserError
 from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.train.config import TrainConfig
 from t5lite.train.loop import train
-from t5lite.train.setup import make_setup, plan_start
+from t5lite.train.setup import load_start, make_setup, plan_start
 from train_fixtures import N_STEPS, SyntheticData, resume_config, tiny_model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,8 +115,14 @@ def test_params_only_checkpoint_and_resume_rules(saved_on_8x1, tmp_path):
     assert np.array_equal(restored["lm_head"], host.params["lm_head"])
     assert plan_start(setup, params_dir, None).source == "checkpoint_params"
     fresh_dir = str(tmp_path / "fresh")
-    plan = plan_start(setup, fresh_dir, init_from=params_dir)
+    plan = plan_start(setup, fresh_dir, init_from=model_dir)  # a full train checkpoint
     assert plan.source == "init_from" and plan.step == 0
+    ckpt = checkpoint.TrainCheckpointer(fresh_dir)
+    state, position = load_start(setup, plan, ckpt)  # parameters only: fresh optimiser, step 0
+    ckpt.close()
+    assert position == 0 and int(state.step) == 0
+    assert np.array_equal(state.params["lm_head"], host.params["lm_head"])
+    assert all(float(np.abs(x).sum()) == 0 for x in jax.tree.leaves(state.opt_state))
     assert plan_start(setup, fresh_dir, None).source == "scratch"
 
 
