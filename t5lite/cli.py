@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: `t5lite {verb}` is not available in this build.", file=sys.stderr)
             sys.exit(2)
         raise
-    from absl import app
+    from absl import app, flags
+
+    # `t5lite <verb> --help` lists the flags the verb's module defines (absl shows the key
+    # flags of sys.argv[0], the console script, which defines none itself).
+    for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def run_verb(verb_argv: list[str]) -> None:
         try:
