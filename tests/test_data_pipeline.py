@@ -188,3 +188,15 @@ def test_data_config_validation():
         make_batch_stream(DataConfig("nope", SPAN))
     with pytest.raises(ConfigError, match="targets length 32 is too short"):
         make_batch_stream(DataConfig("demo_ul2", SPAN))
+
+
+def test_data_throughput_benchmark_runs(repo_root):
+    import importlib.util
+    import os
+
+    path = os.path.join(repo_root, "benchmarks", "data_throughput.py")
+    spec = importlib.util.spec_from_file_location("data_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run_case("demo_span_corruption", 64, 16, batch_size=2, batches=3, warmup=1)
+    assert result["batches"] == 3 and result["batches_per_s"] > 0 and result["tokens_per_s"] > 0
