@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5lite.config import ModelConfig
-from t5lite.models.layers import activation_fn, dropout, make_param, normal
+from t5lite.models.layers import (activation_fn, dropout, make_param, normal,
+                                  shared_input_dense)
 from t5lite.parallel.rules import constrain
 
 STAT_NAMES = ("aux_loss", "z_loss", "assigned", "dropped")
@@ -62,10 +63,11 @@ class MLP(nnx.Module):
         del token_mask
         dt = self.dtype
         if self.gated:
-            h = (self.act(jnp.einsum("btd,df->btf", x, self.wi_0[...].astype(dt)))
-                 * jnp.einsum("btd,df->btf", x, self.wi_1[...].astype(dt)))
+            a, b = shared_input_dense(x, self.wi_0[...].astype(dt), self.wi_1[...].astype(dt))
+            h = self.act(a) * b
         else:
-            h = self.act(jnp.einsum("btd,df->btf", x, self.wi[...].astype(dt)))
+            (a,) = shared_input_dense(x, self.wi[...].astype(dt))
+            h = self.act(a)
         h = constrain(h, ("batch", "length", "mlp"))
         h = dropout(h, self.dropout_rate, dropout_key)
         y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(dt))
