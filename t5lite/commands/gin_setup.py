@@ -30,7 +30,7 @@ import tokenize
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from t5lite.errors import UserError
+from t5lite.errors import ConfigError, UserError
 
 GIN_FLAG_PREFIX = "--gin."
 
@@ -110,8 +110,11 @@ def build(name: str, **kwargs: Any) -> Any:
 
     try:
         value = configured(name)(**kwargs)
-    except UserError:
-        raise
+    except UserError as e:
+        # gin appends "In call to configurable ..." lines to the message: keep the first line.
+        # (gin re-raises through a proxy subclass, so rebuild the plain t5lite error type).
+        error_type = ConfigError if isinstance(e, ConfigError) else UserError
+        raise error_type(str(e).split("\n")[0].strip()) from None
     except (TypeError, ValueError) as e:
         text = str(e).split("\n")[0]
         if "required" in str(e).lower() or "missing" in text:
