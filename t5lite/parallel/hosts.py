@@ -72,6 +72,19 @@ def initialize_distributed(coordinator_address: str | None = None,
     return jax.process_count() > 1
 
 
+def sync_hosts(name: str) -> None:
+    """A barrier across all processes (no-op in a single-process run).
+
+    Use it around decisions that read the shared file system, so that every host sees the same
+    state (e.g. "is there a checkpoint in model_dir?" must not change between hosts because the
+    primary host created a directory in the meantime).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
     """True on the process that writes metrics, logs and model-dir files."""
     return jax.process_index() == 0

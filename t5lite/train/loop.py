@@ -38,7 +38,7 @@ from t5lite import checkpoint, model_dir as md
 from t5lite.config import ModelConfig
 from t5lite.errors import UserError
 from t5lite.parallel.hosts import (DataShard, all_hosts_agree, data_shard_info, host_to_global,
-                                   is_primary)
+                                   is_primary, sync_hosts)
 from t5lite.train.config import TrainConfig
 from t5lite.train.evaluate import Evaluator
 from t5lite.train.flops import device_peak_flops, train_flops_per_step
@@ -143,7 +143,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
     primary = is_primary()
     tc = train_config
     setup = make_setup(model_config, tc, mesh)
+    # Every host must take the same decision from the same file-system state: the barriers keep
+    # the primary host from creating model_dir/checkpoints while another host is still looking.
+    sync_hosts("t5lite:train:before_plan")
     plan = plan_start(setup, model_dir, tc.init_from)  # validates before anything is written
+    sync_hosts("t5lite:train:after_plan")
     if primary:
         os.makedirs(model_dir, exist_ok=True)
         write_model_dir_files(model_dir, setup, run_info, operative_config)
