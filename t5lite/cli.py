@@ -39,6 +39,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_library_logs(args: list[str]) -> None:
+    """Hide libraries' INFO chatter (Orbax, TensorFlow via absl) unless --verbosity is given."""
+    if any(a.startswith(("--verbosity", "-v")) for a in args):
+        return
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     argv = list(sys.argv if argv is None else argv)
@@ -65,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def run_verb(verb_argv: list[str]) -> None:
+        _quiet_library_logs(argv[2:])
         try:
             module.main(verb_argv)
         except UserError as e:

@@ -118,11 +118,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
-    import t5lite.checkpoint  # noqa: F401  (imports Orbax before its logging is quietened)
-    from t5lite.commands.train import quiet_library_logs
     from t5lite.parallel.hosts import initialize_distributed
-
-    quiet_library_logs()
 
     initialize_distributed()
     gin_setup.parse_gin(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS))

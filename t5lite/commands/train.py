@@ -46,16 +46,6 @@ class TrainRun:
     data_config: object
 
 
-def quiet_library_logs() -> None:
-    """Hide Orbax's / TensorFlow's INFO chatter unless --verbosity was given."""
-    if any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        return
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-
 def configure(gin_files: list[str], bindings: list[str]) -> TrainRun:
     """Parse gin and build the configured dataclasses (UserError on bad input)."""
     gin_setup.parse_gin(gin_files, bindings)
@@ -74,7 +64,6 @@ def run(gin_files: list[str], bindings: list[str], model_dir: str,
     from t5lite.train.data_source import SeqioData
     from t5lite.train.loop import train
 
-    quiet_library_logs()
     if not gin_files:
         raise UserError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
     cfg = configure(gin_files, bindings)
