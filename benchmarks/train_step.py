@@ -341,11 +341,16 @@ def main(argv: list[str] | None = None) -> dict:
         ROOT, "benchmarks", "results",
         f"train_step_{os.path.splitext(os.path.basename(files[-1]))[0]}_{cfg.dtype}_"
         f"{jax.devices()[0].platform}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, out)
     return result
+
+
+def write_result(result: dict, path: str) -> None:
+    """Write a benchmark result as indented JSON (creating the folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import jax  # noqa: E402
 
 from hf_reference import HFGenerate, HFTrainStep, build_hf_model  # noqa: E402
-from train_step import (TrainStepBench, adamw_config, machine,  # noqa: E402
+from train_step import (TrainStepBench, adamw_config, machine, write_result,  # noqa: E402
                         model_config_from_gin, synthetic_batch)
 
 from t5lite.config import ModelConfig  # noqa: E402
@@ -249,10 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    f"vs_transformers_{cfg.dtype}.json")
     if args.skip_transformers and not args.out:
         out = out.replace("vs_transformers_", "decode_t5lite_only_")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, out)
     return result
 
 
