@@ -34,6 +34,7 @@ from flax import nnx
 
 from t5lite.errors import UserError
 from t5lite.model_dir import checkpoint_dir
+from t5lite.train.state import path_key
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,7 @@ def _manager(directory: str, *, keep: int | None = None, async_save: bool = Fals
 
 
 def _path_str(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return "/".join(path_key(path))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
