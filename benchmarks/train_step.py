@@ -221,12 +221,24 @@ def cpu_matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
             "best_size": best["best_size"]}
 
 
-def peak_flops(measure_cpu: bool = True, sizes=(512, 1024, 2048)) -> dict:
-    """{"flops_per_sec", "source", ...}: published device peak, or measured matmul on CPU."""
+def peak_flops(measure_cpu: bool = True, sizes=(512, 1024, 2048),
+               measure_device: bool = False) -> dict:
+    """{"flops_per_sec", "source", ...}: published device peak, or measured matmul on CPU.
+
+    measure_device=True also times bf16 `jnp.dot` (4096^2 and 8192^2) on an accelerator and
+    returns it as "measured_flops_per_sec" (per device), the ceiling the chip really reaches.
+    """
     peak = device_peak_flops()
     if peak is not None:
-        return {"flops_per_sec": peak * jax.device_count(), "source": "published dense bf16 peak "
-                f"x {jax.device_count()} {jax.devices()[0].device_kind}"}
+        result = {"flops_per_sec": peak * jax.device_count(),
+                  "source": "published dense bf16 peak "
+                            f"x {jax.device_count()} {jax.devices()[0].device_kind}"}
+        if measure_device:
+            from matmul_peak import matmul_peak
+
+            measured = matmul_peak("bfloat16", sizes=(4096, 8192), repeats=20)
+            result["measured_flops_per_sec"] = measured["flops_per_sec"] * jax.device_count()
+        return result
     if not measure_cpu:
         return {"flops_per_sec": None, "source": "not measured"}
     measured = cpu_matmul_peak(sizes)
@@ -244,7 +256,7 @@ def machine() -> dict:
 def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
         steps: int, warmup: int, optimizer: OptimizerConfig | None = None, packed: bool = False,
         measure_peak: bool = True, peak_sizes=(512, 1024, 2048), profile_dir: str | None = None,
-        mesh=None, log=print) -> dict:
+        mesh=None, measure_device_peak: bool = False, log=print) -> dict:
     """Build, compile and time the train step; returns the result record (see module doc)."""
     bench = TrainStepBench(model_config, batch_size=batch_size, inputs_length=inputs_length,
                            targets_length=targets_length, optimizer=optimizer, packed=packed,
@@ -259,7 +271,7 @@ def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targe
         bench.time_steps(2)
         jax.profiler.stop_trace()
     step_s = statistics.median(times)
-    peak = peak_flops(measure_peak, peak_sizes)
+    peak = peak_flops(measure_peak, peak_sizes, measure_device=measure_device_peak)
     result = {
         "benchmark": "train_step",
         "model": {k: getattr(model_config, k) for k in (
@@ -282,6 +294,10 @@ def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targe
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if "measured_flops_per_sec" in peak:
+        result["measured_matmul_flops_per_s"] = peak["measured_flops_per_sec"]
+        result["mfu_vs_measured_matmul"] = (bench.model_flops / step_s
+                                            / peak["measured_flops_per_sec"])
     if "by_dtype" in peak:
         result["matmul_peak_by_dtype"] = peak["by_dtype"]
     return result
@@ -291,11 +307,16 @@ def summary(result: dict) -> str:
     mfu = f"{100 * result['mfu']:.1f} %" if result["mfu"] is not None else "n/a"
     xla = (f"{result['xla_flops'] / 1e12:.3f} TFLOP" if result["xla_flops"] is not None
            else "n/a")
+    measured = ""
+    if result.get("mfu_vs_measured_matmul") is not None:
+        measured = (f"; {100 * result['mfu_vs_measured_matmul']:.1f} % of the bf16 jnp.dot "
+                    f"measured here ({result['measured_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s)")
     return (f"step {result['step_s']:.3f} s (median of {len(result['step_times_s'])}), "
             f"compile {result['compile_s']:.1f} s, {result['tokens_per_s']:.0f} tokens/s, "
             f"model {result['model_flops'] / 1e12:.3f} TFLOP/step (XLA {xla}), "
             f"{result['model_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {mfu} of "
-            f"{(result['peak_flops_per_s'] or 0) / 1e9:.1f} GFLOP/s ({result['peak_source']})")
+            f"{(result['peak_flops_per_s'] or 0) / 1e9:.1f} GFLOP/s ({result['peak_source']})"
+            f"{measured}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -316,6 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--no_peak", action="store_true", help="skip the CPU matmul peak")
+    parser.add_argument("--measure_device_peak", action="store_true",
+                        help="on accelerators, also time a bf16 jnp.dot and report MFU "
+                             "against it beside the published peak")
     parser.add_argument("--profile_dir", default=None)
     parser.add_argument("--out", default=None, help="JSON result path (default: "
                         "benchmarks/results/train_step_<model>_<dtype>_<platform>.json)")
@@ -332,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(cfg, batch_size=args.batch_size, inputs_length=args.inputs_length,
                  targets_length=args.targets_length, steps=args.steps, warmup=args.warmup,
                  optimizer=optimizer, packed=args.packed, measure_peak=not args.no_peak,
-                 profile_dir=args.profile_dir)
+                 profile_dir=args.profile_dir, measure_device_peak=args.measure_device_peak)
     result["command"] = "python benchmarks/train_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     result["gin_files"] = files
