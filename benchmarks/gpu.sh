@@ -30,11 +30,16 @@
 # All train runs: bfloat16 compute, 512 inputs / 114 targets, packed (two examples per row),
 # Adafactor. MFU is model FLOPs / step time / the published dense bf16 peak (989 TFLOP/s for
 # H100/H200), and also against the bf16 matmul rate measured in the same run.
-# Override the list with RUNS="train:gin/models/t5_1_1/large.gin:32:einsum:none ..." and
-# "decode:GIN:BATCH".
+# Override the list with RUNS="train:GIN:BATCH:ATTENTION:REMAT[:OPTIONS] ... decode:GIN:BATCH",
+# OPTIONS a comma-separated subset of
+#   unrolled   ModelConfig.scan_layers=False (one HLO per layer instead of a scanned stack)
+#   adamw      AdamW instead of Adafactor
+#   notriton   XLA_FLAGS+=--xla_gpu_enable_triton_gemm=false (cuBLAS for every matmul)
+#   profile    also trace two steps with jax.profiler; the trace is kept as
+#              OUT_DIR/<run>.xplane.pb.gz (read it with benchmarks/profile_summary.py)
 #
-# Everything lands in OUT_DIR as three files: gpu_bench.log (all output), results.jsonl (one
-# JSON record per run, the fields of benchmarks/train_step.py / vs_transformers.py), summary.txt.
+# Everything lands in OUT_DIR as gpu_bench.log (all output), results.jsonl (one JSON record per
+# run, the fields of benchmarks/train_step.py / vs_transformers.py), summary.txt, and any traces.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -154,17 +159,33 @@ for run in $RUNS; do
     echo "$run: SKIPPED (time budget of $TIME_BUDGET s spent)" | tee -a "$SUMMARY"
     continue
   fi
-  IFS=: read -r kind gin batch attn remat <<<"$run"
+  IFS=: read -r kind gin batch attn remat options <<<"$run"
   name=$(basename "$(dirname "$gin")")_$(basename "$gin" .gin)
   if [[ $kind == train ]]; then
-    tag="train_${name}_b${batch}_${attn}_remat-${remat}"
+    tag="train_${name}_b${batch}_${attn}_remat-${remat}${options:+_${options//,/_}}"
+    extra=(); xla_flags=${XLA_FLAGS:-}; profile_dir=""
+    for option in ${options//,/ }; do
+      case $option in
+        unrolled) extra+=(--gin="ModelConfig.scan_layers=False") ;;
+        adamw) extra+=(--optimizer=adamw) ;;
+        notriton) xla_flags="$xla_flags --xla_gpu_enable_triton_gemm=false" ;;
+        profile) profile_dir="$SCRATCH/profile_$tag"; extra+=(--profile_dir="$profile_dir") ;;
+        *) say "error: unknown run option '$option' in '$run'"; exit 2 ;;
+      esac
+    done
     say "train step: $tag"
-    timeout "$RUN_TIMEOUT" "$PYTHON" benchmarks/train_step.py --gin_file="$gin" --dtype=bfloat16 \
+    XLA_FLAGS="$xla_flags" timeout "$RUN_TIMEOUT" "$PYTHON" benchmarks/train_step.py \
+      --gin_file="$gin" --dtype=bfloat16 \
       --packed --batch_size="$batch" --inputs_length="$INPUTS" --targets_length="$TARGETS" \
-      --steps="$STEPS" --warmup="$WARMUP" "${PEAK_FLAG[@]}" \
+      --steps="$STEPS" --warmup="$WARMUP" "${PEAK_FLAG[@]}" "${extra[@]}" \
       --gin="ModelConfig.attention_impl=\"$attn\"" --gin="ModelConfig.remat_policy=\"$remat\"" \
       --out="$SCRATCH/$tag.json" >"$SCRATCH/$tag.log" 2>&1
     record "$tag" "$SCRATCH/$tag.json" "$SCRATCH/$tag.log" '^step '
+    if [[ -n "$profile_dir" ]]; then
+      trace=$(find "$profile_dir" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+      if [[ -n "$trace" ]]; then gzip -c "$trace" >"$OUT_DIR/$tag.xplane.pb.gz"
+      else say "no trace written for $tag"; fi
+    fi
     [[ "$DRY_RUN" == "1" ]] || PEAK_FLAG=()   # the matmul peak is measured once
   else
     tag="decode_${name}_b${batch}"

@@ -1,0 +1,115 @@
+"""Where the time of a `jax.profiler` trace went: top ops per device, as plain text.
+
+    python benchmarks/profile_summary.py PROFILE_DIR_OR_XPLANE_PB [--top=40] [--steps=2]
+
+Reads the `*.xplane.pb` that `jax.profiler.start_trace/stop_trace` writes (e.g. through
+`benchmarks/train_step.py --profile_dir=DIR`) without TensorBoard: for every device plane
+(`/device:GPU:0`, `/device:TPU:0`, ...) it sums event durations per line (a CUDA stream, "XLA Ops",
+...) and, on the busiest line kind, per HLO op (the event's `hlo_op` stat when the profiler
+recorded one, else the event name, i.e. the kernel). Durations are divided by `--steps`, so with
+the two traced steps of train_step.py the figures are per step. On CPU-only traces the host
+plane's XLA threads are summarised the same way.
+
+Needs the XPlane protobuf module, which TensorFlow ships (`tensorflow.tsl.profiler.protobuf`) and
+so does the `xprof`/`tensorboard-plugin-profile` package; the project's test environment has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import os
+import re
+import sys
+
+
+def _xplane_module():
+    for name in ("tensorflow.tsl.profiler.protobuf.xplane_pb2", "tsl.profiler.protobuf.xplane_pb2",
+                 "xprof.protobuf.xplane_pb2", "tensorboard_plugin_profile.protobuf.xplane_pb2"):
+        try:
+            return __import__(name, fromlist=["XSpace"])
+        except ImportError:
+            continue
+    raise SystemExit("error: no XPlane protobuf module found; install tensorflow or xprof")
+
+
+def find_xplane(path: str) -> str:
+    """The newest *.xplane.pb(.gz) at or under `path`."""
+    if os.path.isfile(path):
+        return path
+    files = glob.glob(os.path.join(path, "**", "*.xplane.pb*"), recursive=True)
+    if not files:
+        raise SystemExit(f"error: no *.xplane.pb under {path}; pass the --profile_dir of a "
+                         "traced run")
+    return max(files, key=os.path.getmtime)
+
+
+def load_space(path: str):
+    data = open(path, "rb").read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    space = _xplane_module().XSpace()
+    space.ParseFromString(data)
+    return space
+
+
+def _line_kind(name: str) -> str:
+    """Collapse per-stream / per-thread line names into one kind ("Stream #13(...)" -> "Stream")."""
+    return re.sub(r"\s*#?\d+.*$", "", name) or name
+
+
+def summarize_plane(plane, steps: int, top: int) -> list[str]:
+    names = {k: v.name or v.display_name for k, v in plane.event_metadata.items()}
+    stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
+    by_line: dict[str, float] = collections.Counter()
+    by_op: dict[str, dict[str, float]] = collections.defaultdict(collections.Counter)
+    count: dict[str, dict[str, int]] = collections.defaultdict(collections.Counter)
+    for line in plane.lines:
+        kind = _line_kind(line.name)
+        for event in line.events:
+            seconds = event.duration_ps * 1e-12
+            by_line[kind] += seconds
+            label = names.get(event.metadata_id, "?")
+            for stat in event.stats:
+                if stat_names.get(stat.metadata_id) == "hlo_op":
+                    label = stat.str_value or stat_names.get(stat.ref_value, label)
+                    break
+            by_op[kind][label] += seconds
+            count[kind][label] += 1
+    if not by_line:
+        return []
+    out = [f"== {plane.name}: busy time per line kind (ms per step)"]
+    for kind, seconds in by_line.most_common():
+        out.append(f"   {1e3 * seconds / steps:10.2f}  {kind}")
+    for kind in [k for k, _ in by_line.most_common(2)]:
+        total = by_line[kind]
+        out.append(f"-- top ops on '{kind}' (ms per step, share, calls per step)")
+        for label, seconds in by_op[kind].most_common(top):
+            out.append(f"   {1e3 * seconds / steps:10.3f}  {100 * seconds / total:5.1f}%  "
+                       f"{count[kind][label] / steps:7.1f}  {label[:110]}")
+    return out
+
+
+def summarize(path: str, steps: int = 2, top: int = 40) -> str:
+    space = load_space(find_xplane(path))
+    devices = [p for p in space.planes if p.name.startswith("/device:")]
+    planes = devices or [p for p in space.planes if p.name.startswith("/host:CPU")]
+    lines = [f"trace {find_xplane(path)}"]
+    for plane in planes:
+        lines += summarize_plane(plane, steps, top)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="a --profile_dir, or one *.xplane.pb file")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=2, help="steps in the trace")
+    args = parser.parse_args(argv)
+    print(summarize(args.path, args.steps, args.top))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
