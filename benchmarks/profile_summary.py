@@ -60,24 +60,42 @@ def _line_kind(name: str) -> str:
     return re.sub(r"\s*#?\d+.*$", "", name) or name
 
 
+def kernel_family(name: str) -> str:
+    """Group kernels: XLA fusions lose their numeric suffix ("loop_add_fusion_12" ->
+    "loop_add_fusion"), library kernels (cuBLAS/CUTLASS/cuDNN) keep a short prefix of their name."""
+    name = re.sub(r"[._]\d+$", "", name)
+    for marker, family in (("flash", "cudnn flash attention"), ("cudnn", "cudnn"),
+                           ("gemm", "gemm (library)"), ("cutlass", "gemm (library)"),
+                           ("xmma", "gemm (library)"), ("sm90_", "gemm (library)")):
+        if marker in name.lower():
+            return family
+    return name
+
+
 def summarize_plane(plane, steps: int, top: int) -> list[str]:
     names = {k: v.name or v.display_name for k, v in plane.event_metadata.items()}
     stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
     by_line: dict[str, float] = collections.Counter()
     by_op: dict[str, dict[str, float]] = collections.defaultdict(collections.Counter)
     count: dict[str, dict[str, int]] = collections.defaultdict(collections.Counter)
+    by_family: dict[str, dict[str, float]] = collections.defaultdict(collections.Counter)
+    family_count: dict[str, dict[str, int]] = collections.defaultdict(collections.Counter)
     for line in plane.lines:
         kind = _line_kind(line.name)
         for event in line.events:
             seconds = event.duration_ps * 1e-12
             by_line[kind] += seconds
             label = names.get(event.metadata_id, "?")
-            for stat in event.stats:
-                if stat_names.get(stat.metadata_id) == "hlo_op":
-                    label = stat.str_value or stat_names.get(stat.ref_value, label)
-                    break
+            if not label or label == "?":  # fall back to the HLO op the kernel belongs to
+                for stat in event.stats:
+                    if stat_names.get(stat.metadata_id) == "hlo_op":
+                        label = stat.str_value or stat_names.get(stat.ref_value, label)
+                        break
             by_op[kind][label] += seconds
             count[kind][label] += 1
+            family = kernel_family(label)
+            by_family[kind][family] += seconds
+            family_count[kind][family] += 1
     if not by_line:
         return []
     out = [f"== {plane.name}: busy time per line kind (ms per step)"]
@@ -85,6 +103,10 @@ def summarize_plane(plane, steps: int, top: int) -> list[str]:
         out.append(f"   {1e3 * seconds / steps:10.2f}  {kind}")
     for kind in [k for k, _ in by_line.most_common(2)]:
         total = by_line[kind]
+        out.append(f"-- kernel families on '{kind}' (ms per step, share, calls per step)")
+        for family, seconds in by_family[kind].most_common(top):
+            out.append(f"   {1e3 * seconds / steps:10.3f}  {100 * seconds / total:5.1f}%  "
+                       f"{family_count[kind][family] / steps:7.1f}  {family[:110]}")
         out.append(f"-- top ops on '{kind}' (ms per step, share, calls per step)")
         for label, seconds in by_op[kind].most_common(top):
             out.append(f"   {1e3 * seconds / steps:10.3f}  {100 * seconds / total:5.1f}%  "
