@@ -57,6 +57,7 @@ TIME_BUDGET=${TIME_BUDGET:-400}
 RUN_TIMEOUT=${RUN_TIMEOUT:-170}
 INPUTS=512
 TARGETS=114
+USER_RUNS=${RUNS:-}
 RUNS=${RUNS:-"train:gin/models/t5_1_1/large.gin:32:einsum:none \
 train:gin/models/t5_1_1/large.gin:64:einsum:dots \
 train:gin/models/modern/large.gin:32:cudnn:none \
@@ -64,8 +65,8 @@ decode:gin/models/t5_1_1/large.gin:8 decode:gin/models/t5_1_1/large.gin:64"}
 PEAK_FLAG=(--measure_device_peak)
 
 if [[ "$DRY_RUN" == "1" ]]; then
-  RUNS="train:gin/models/t5_1_1/tiny.gin:2:einsum:none train:gin/models/modern/small.gin:2:xla:dots \
-decode:gin/models/t5_1_1/tiny.gin:2"
+  RUNS=${USER_RUNS:-"train:gin/models/t5_1_1/tiny.gin:2:einsum:none \
+train:gin/models/modern/small.gin:2:xla:dots decode:gin/models/t5_1_1/tiny.gin:2"}
   STEPS=1; WARMUP=0; INPUTS=64; TARGETS=16
   PEAK_FLAG=(--no_peak)
 fi

@@ -80,3 +80,38 @@ def test_vs_transformers_train_and_decode_one_step():
 
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
+
+
+def test_profile_summary_reads_a_real_trace(tmp_path):
+    """A jax.profiler trace of the tiny train step is summarised per line kind and op."""
+    pytest.importorskip("tensorflow.tsl.profiler.protobuf.xplane_pb2")
+    from profile_summary import kernel_family, summarize
+    from train_step import run
+
+    run(TINY, batch_size=2, inputs_length=16, targets_length=8, steps=1, warmup=0,
+        measure_peak=False, mesh=_single_mesh(), profile_dir=str(tmp_path), log=lambda *a: None)
+    text = summarize(str(tmp_path), steps=2, top=5)
+    assert "== /host:CPU: busy time per line kind" in text
+    assert "-- top ops on" in text and "-- kernel families on" in text
+    assert kernel_family("loop_add_fusion_12") == "loop_add_fusion"
+    assert kernel_family("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT") == "gemm (library)"
+    assert kernel_family("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == \
+        "cudnn flash attention"
+    with pytest.raises(SystemExit, match="no \\*.xplane.pb"):
+        summarize(str(tmp_path / "empty"))
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """DRY_RUN=1 runs the whole script (smoke test, train, decode) on CPU with tiny models."""
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
+           "RUNS": "train:gin/models/t5_1_1/tiny.gin:2:einsum:none:adamw "
+                   "decode:gin/models/t5_1_1/tiny.gin:2"}
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "train_t5_1_1_tiny_b2_einsum_remat-none_adamw: step " in summary
+    assert "decode_t5_1_1_tiny_b2: decode t5lite" in summary
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
