@@ -207,6 +207,10 @@ class ModelConfig:
         if self.attention_impl not in _ATTENTION_IMPLS:
             fail(f"attention_impl={self.attention_impl!r} is unknown; use one of "
                  f"{_ATTENTION_IMPLS}.")
+        if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+            fail(f"attention_impl='cudnn' needs bfloat16 compute, not "
+                 f"dtype={self.dtype!r}; set ModelConfig.dtype='bfloat16' (gin/runs/gpu.gin "
+                 "does both) or use attention_impl='einsum'.")
 
 
 def config_to_dict(config: ModelConfig) -> dict:

@@ -115,3 +115,10 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert "train_t5_1_1_tiny_b2_einsum_remat-none_adamw: step " in summary
     assert "decode_t5_1_1_tiny_b2: decode t5lite" in summary
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_gpu_gin_gives_bf16_cudnn_config():
+    from train_step import model_config_from_gin
+
+    cfg = model_config_from_gin(["gin/models/t5_1_1/large.gin", "gin/runs/gpu.gin"])
+    assert (cfg.dtype, cfg.attention_impl, cfg.d_model) == ("bfloat16", "cudnn", 1024)

@@ -27,6 +27,7 @@ def test_defaults_are_t5_v1_1_small():
     (dict(architecture="decoder_only"), "set num_encoder_layers=0"),
     (dict(d_model=0), "d_model=0 must be a positive integer"),
     (dict(remat_policy="some"), "remat_policy='some' is unknown"),
+    (dict(attention_impl="cudnn"), "attention_impl='cudnn' needs bfloat16 compute"),
 ])
 def test_invalid_configs_raise_clear_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
