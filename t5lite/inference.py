@@ -16,7 +16,8 @@ What happens per batch of texts (all inside one jitted function):
   * encoder-decoder: the encoder runs once and every decoder layer's cross-attention K/V are
     computed once (`precompute_cross_attention`), then the decoding loop
     (`t5lite.models.decoding`) runs `decode_step` against them; beams and samples are rows of the
-    batch, so cross K/V are repeated per beam once (never recomputed);
+    self-attention cache, while the cross K/V stay one per input (shared by its beams/samples,
+    never copied or recomputed per step);
   * decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by step.
 
 Sharding: pass a `mesh` (and a rules recipe): parameters are laid out by their logical axes,
@@ -200,17 +201,18 @@ class Generator:
         from t5lite.models.cache import BATCH_AXIS
 
         encoded = model.encode(tokens)
-        cross = model.precompute_cross_attention(encoded, tokens)  # once per request
-        if rows > 1:
-            cross = decoding.tile_beams(cross, rows, {k: BATCH_AXIS[k] for k in cross})
+        # Once per request, outside the decoding loop: the decoder's per-layer parameters
+        # (static slices of a scanned stack) and every layer's cross-attention K/V. The K/V
+        # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
+        layers = model.decoder.layer_modules()
+        cross = model.precompute_cross_attention(encoded, tokens, layers)
         cache = model.init_decode_cache(batch * rows, config.max_decode_len)
-        cache_axes = {k: BATCH_AXIS[k] for k in cache}
 
         def step_fn(tok, i, c):
-            return model.decode_step(tok, i, c, cross)
+            return model.decode_step(tok, i, c, cross, layers)
 
         return decoding.decode(step_fn, cache, batch * repeat, config, rng=rng,
-                               batch_axes=cache_axes)
+                               batch_axes={k: BATCH_AXIS[k] for k in cache})
 
     def _run_decoder_only(self, model, tokens, lengths, rng, config, repeat, rows):
         """Prompt rows are [0, input ids..., EOS] (SeqIO prefix-LM layout: the start token, then
@@ -228,10 +230,11 @@ class Generator:
         if rows > 1 and config.method == "beam":
             cache = decoding.tile_beams(cache, rows, cache_axes)
             lengths = jnp.repeat(lengths, rows, axis=0)
+        layers = model.decoder.layer_modules()  # sliced once, outside the loop
 
         def step_fn(tok, i, c):
             # generated token i sits right after the prompt of its row
-            return model.decode_step(tok, lengths + i, c)
+            return model.decode_step(tok, lengths + i, c, layers)
 
         return decoding.decode(step_fn, cache, n, config, rng=rng, initial_logits=logits,
                                batch_axes=cache_axes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,13 +69,78 @@ def test_cache_works_in_while_loop_and_with_tiled_beams():
             return t + 1, cache, out.at[:, t].set(logits)
 
         out = jnp.zeros((6, 5, cfg.vocab_size))
-        return jax.lax.while_loop(lambda c: c[0] < 5, body, (jnp.int32(0), cache, out))[2]
+        _, cache, out = jax.lax.while_loop(lambda c: c[0] < 5, body, (jnp.int32(0), cache, out))
+        return out, cache
 
-    out = run(state, cache)
+    out, cache = run(state, cache)
     np.testing.assert_allclose(np.asarray(out), np.asarray(jnp.repeat(expected, 3, axis=0)),
                                atol=2e-5, rtol=1e-5)
-    reordered = take_batch(cache, jnp.array([2, 2, 0, 3, 4, 5]))
-    assert reordered["k"].shape == cache["k"].shape
+    rows = jnp.array([2, 2, 0, 3, 4, 5])
+    reordered = take_batch(cache, rows)
+    assert len(reordered["k"]) == cfg.num_decoder_layers
+    for new, old in zip(reordered["k"] + reordered["v"], cache["k"] + cache["v"]):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old)[np.asarray(rows)])
+
+
+@pytest.mark.parametrize("changes", [{}, dict(scan_layers=False, num_heads=4, num_kv_heads=2)])
+def test_beams_share_cross_attention_rows(changes):
+    """Cross K/V computed once per input (not tiled per beam) give the same step logits as
+    tiled ones, and the same beam search results (GQA included: 2 query heads per K/V head
+    and 3 beams per input are regrouped together)."""
+    from t5lite.models.cache import BATCH_AXIS
+    from t5lite.models.decoding import DecodeConfig, beam_search
+
+    cfg = tiny(**changes)
+    model = build_model(cfg, rngs=nnx.Rngs(params=0))
+    enc = tokens(0, (2, 10)).at[0, 7:].set(0)
+    dec = tokens(1, (2, 5)).at[:, 0].set(0)
+    expected, _ = model(enc, dec)
+    layers = model.decoder.layer_modules()
+    cross = model.precompute_cross_attention(model.encode(enc), enc, layers)
+    tiled = tile_batch(cross, 3)
+    assert cross["k"][0].shape[0] == 2 and tiled["k"][0].shape[0] == 6
+    cache_a = cache_b = tile_batch(model.init_decode_cache(2, 5), 3)
+    beam_tokens = jnp.repeat(dec, 3, axis=0)
+    step = jax.jit(model.decode_step)
+    for t in range(dec.shape[1]):
+        shared, cache_a = step(beam_tokens[:, t], jnp.int32(t), cache_a, cross, layers)
+        copied, cache_b = step(beam_tokens[:, t], jnp.int32(t), cache_b, tiled)
+        np.testing.assert_allclose(np.asarray(shared), np.asarray(copied), atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(shared), np.asarray(jnp.repeat(expected[:, t], 3, 0)),
+                                   atol=2e-5, rtol=1e-5)
+
+    config = DecodeConfig(method="beam", beam_size=3, max_decode_len=6, alpha=0.6)
+
+    @jax.jit
+    def search(cross):
+        cache = model.init_decode_cache(6, 6)
+        return beam_search(lambda tok, i, c: model.decode_step(tok, i, c, cross, layers), cache,
+                           2, config, batch_axes={k: BATCH_AXIS[k] for k in cache})
+
+    a, b = search(cross), search(tiled)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), atol=1e-5)
+
+
+def test_per_row_positions_and_prepared_layers_match_the_plain_step():
+    """decode_step with a per-row step [B] (all equal) or with `layers` prepared outside gives
+    the same logits and cache as the plain scalar step."""
+    cfg = tiny()
+    model = build_model(cfg, rngs=nnx.Rngs(params=0))
+    enc = tokens(0, (2, 10))
+    cross = model.precompute_cross_attention(model.encode(enc), enc)
+    cache = model.init_decode_cache(2, 4)
+    tok = tokens(2, (2,))
+    layers = model.decoder.layer_modules()
+    ref_logits, ref_cache = model.decode_step(tok, jnp.int32(2), cache, cross)
+    for logits, new_cache in (model.decode_step(tok, jnp.array([2, 2]), cache, cross),
+                              model.decode_step(tok, 2, cache, cross, layers)):
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-6)
+        for x, y in zip(jax.tree.leaves(new_cache), jax.tree.leaves(ref_cache)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    # exactly position 2 of every layer's cache was written
+    written = np.asarray(ref_cache["k"][0]).any(axis=(0, 1, 3))
+    np.testing.assert_array_equal(written, [False, False, True, False])
 
 
 def lm_cfg(**changes) -> ModelConfig:
@@ -130,3 +197,64 @@ def test_packed_lm_rows_do_not_mix():
     out, _ = model(packed, decoder_segment_ids=seg, decoder_positions=pos)
     np.testing.assert_allclose(np.asarray(out[0, 3:8]), np.asarray(alone[0]), atol=2e-5,
                                rtol=1e-5)
+
+
+def _while_bodies(hlo: str, within: str | None = None) -> list[str]:
+    """Text of the while-loop body computations of an optimised HLO module (or only of the
+    loops that `within`, a computation's text, runs), nested loops' bodies included."""
+    bodies = []
+    for name in set(re.findall(r"body=%([\w.\-]+)", hlo if within is None else within)):
+        body = re.search(rf"^%{re.escape(name)} .*?^}}", hlo, re.S | re.M).group(0)
+        bodies += [body] + _while_bodies(hlo, body)
+    return bodies
+
+
+def _copies_of_size(body: str, sizes: set[int]) -> list[str]:
+    """copy / transpose instructions (or fusions named after them) with a size in `sizes`."""
+    found = []
+    for line in body.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(", line)
+        if not m:
+            continue
+        name, dims, opcode = m.groups()
+        size = int(np.prod([int(d) for d in dims.split(",") if d]))
+        copying = opcode in ("copy", "transpose") or (
+            opcode == "fusion" and ("copy" in name or "transpose" in name))
+        if copying and size in sizes:
+            found.append(line.strip()[:160])
+    return found
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method):
+    """The compiled decoding loop (Generator, scanned layers) updates the self-attention cache
+    in place and reads cross K/V and weights where they are: no copy or transpose the size of
+    a kernel, a cache or a cross K/V array in the loop body (such copies made decoding several
+    times slower). Beam search does copy cache rows when it reorders the beams."""
+    from t5lite.inference import Generator
+    from t5lite.models.decoding import DecodeConfig
+
+    # sizes chosen so that no activation has the size of a kernel, cache or cross K/V array
+    cfg = tiny(vocab_size=72, d_model=24, d_ff=40, num_decoder_layers=4)
+    batch, src, steps, layers = 4, 48, 12, cfg.num_decoder_layers
+    gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None, max_input_len=src,
+                    batch_size=batch)
+    beams = 3 if method == "beam" else 1
+    config = DecodeConfig(method=method, beam_size=beams, max_decode_len=steps)
+    hlo = gen._jitted.lower(gen._state, jnp.ones((batch, src), jnp.int32),
+                            jnp.full((batch,), src), jax.random.key(0),
+                            config=config).compile().as_text()
+    kv = cfg.kv_heads * cfg.head_dim
+    cross = batch * src * kv
+    cache = batch * beams * steps * kv
+    unrolled = nnx.eval_shape(lambda: build_model(cfg.replace(scan_layers=False),
+                                                  rngs=nnx.Rngs(params=0)))
+    kernels = {a.size for m in (gen.model, unrolled)  # stacked and per-layer parameters
+               for a in jax.tree.leaves(nnx.state(m, nnx.Param)) if a.size >= 256}
+    sizes = {cross, cross * layers, cross * beams, cache * layers} | kernels
+    if method == "greedy":
+        sizes.add(cache)
+    loops = [b for b in _while_bodies(hlo) if "dynamic-update-slice" in b]
+    assert loops, "no decoding loop found"
+    bodies = loops + [inner for b in loops for inner in _while_bodies(hlo, b)]
+    assert [c for body in bodies for c in _copies_of_size(body, sizes)] == []

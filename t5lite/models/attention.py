@@ -128,6 +128,15 @@ class Attention(nnx.Module):
         out = jnp.einsum("btnh,nhd->btd", attended, self.o[...].astype(self.dtype))
         return constrain(out, ("batch", "length", "embed"))
 
+    def decode_output(self, attended: jax.Array) -> jax.Array:
+        """`output` for incremental decoding: one 2-D matmul [N*T, heads*kv] x [heads*kv, embed].
+        (With the einsum form XLA:CPU transposed the [heads, kv, embed] kernel on every
+        decoding step to match the attention output's layout.)"""
+        n, t, heads, kv = attended.shape
+        kernel = self.o[...].astype(self.dtype).reshape(heads * kv, -1)
+        out = (attended.reshape(n * t, heads * kv) @ kernel).reshape(n, t, -1)
+        return constrain(out, ("batch", "length", "embed"))
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                mask: jax.Array | None, dropout_key: jax.Array | None = None) -> jax.Array:
         """Core attention then output projection: [B, T, embed]."""
@@ -136,7 +145,51 @@ class Attention(nnx.Module):
         return self.output(attended)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Write new [B, 1, K, H] into cache [B, M, K, H] at per-row positions [B]."""
-    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(
-        cache, new.astype(cache.dtype), positions)
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                     mask: jax.Array | None) -> jax.Array:
+    """Attention for incremental decoding, with keys/values in the *cache layout* [B, K, S, H].
+
+    q [N, T, heads, H] with N = B * R: the R consecutive query rows b*R .. b*R+R-1 all read
+    key/value row b (R = 1 for a self-attention cache; R = beams or samples for cross-attention
+    K/V computed once per input, so they are never copied per beam). The R rows become extra
+    query positions of one attention call. bias is float32 [B|1, heads, T, S]; mask bool
+    [B|1, 1, T|1, S] (True = may attend), both for the R = 1 case; with R > 1 they must have a
+    leading 1 or B (per input, shared by its R rows) and T = 1.
+
+    [B, K, S, H] puts the dot products' batch dimensions (b, k) outermost, so on CPU the keys
+    and values are read in place every step (the [B, S, K, H] training layout made XLA
+    transpose every layer's cross K/V on every step). Returns [N, T, heads, H] in q's dtype.
+
+    Example: 2 inputs x 3 beams, one new position: q [6, 1, heads, H], cross k/v
+    [2, K, S, H] -> queries regrouped as [2, 3, heads, H] -> output [6, 1, heads, H].
+    """
+    n, q_len, num_heads, head_dim = q.shape
+    batch, kv_heads = k.shape[0], k.shape[1]
+    if n % batch:
+        raise ValueError(f"{n} query rows cannot share {batch} key/value rows.")
+    reps = n // batch
+    groups = num_heads // kv_heads
+    qg = q.reshape(batch, reps * q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    # Output [b, k, g, t, h], then the (small) transpose: asking the dot for "btkgh" directly
+    # made XLA:CPU run it about 10x slower once t > 1 (beams sharing cross K/V).
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, q_len, num_heads, head_dim)
+
+
+def write_position(cache: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:
+    """Write one new position's keys or values new [B, 1, K, H] into cache [B, K, M, H].
+
+    `position` is a scalar (every row writes the same slot: one dynamic-update-slice, done in
+    place inside a decoding loop) or int [B] (a slot per row: a scatter).
+    """
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, 1, H]
+    if position.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, position, 0))
+    rows = jnp.arange(cache.shape[0])
+    return cache.at[rows, :, position].set(new[:, :, 0])

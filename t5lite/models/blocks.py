@@ -25,10 +25,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
-from t5lite.models.attention import Attention, write_cache
+from t5lite.models.attention import Attention, decode_attention, write_position
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
 from t5lite.models.positions import RelativePositionBias, apply_rope
+from t5lite.parallel.rules import constrain
 
 Stats = dict[str, jax.Array]
 
@@ -43,7 +44,8 @@ class Context:
     cross_mask  bool [B|1, 1, T, S_enc] (decoder of an encoder-decoder)
     token_mask  [B, T] or None         1 = real token (MoE routing ignores the others)
     encoded     [B, S_enc, D] or None  encoder output (teacher-forced decoding)
-    write_positions int [B] or None    incremental decoding: where each row's new K/V goes
+    write_positions int [] or [B]      incremental decoding (`Layer.decode`): the cache slot of
+                                       the new position (one for all rows, or one per row)
     """
 
     self_mask: jax.Array | None
@@ -77,14 +79,10 @@ class Layer(nnx.Module):
         self.dropout_rate = cfg.dropout_rate
 
     def __call__(self, x: jax.Array, ctx: Context, key: jax.Array | None,
-                 cache: tuple[jax.Array, jax.Array] | None = None,
                  cross_kv: tuple[jax.Array, jax.Array] | None = None):
         """Returns (x, stats, (k, v)) where (k, v) are this call's self-attention keys/values
-        (RoPE applied) for the caller to cache. With `cache` (this layer's [B, M, K, H] K/V),
-        x holds one new position per row (ctx.write_positions) and attends over the cache with
-        the new entries written in; otherwise attention is over this call's positions.
-        `cross_kv` are precomputed cross-attention keys/values (else computed from
-        ctx.encoded)."""
+        [B, T, K, H] (RoPE applied) for the caller to cache (prefill). `cross_kv` are
+        precomputed cross-attention keys/values (else computed from ctx.encoded)."""
         keys = split_key(key, 6)
         rate = self.dropout_rate
         # self-attention
@@ -95,10 +93,6 @@ class Layer(nnx.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, ctx.positions, self.rope_theta)
             k = apply_rope(k, ctx.positions, self.rope_theta)
-        fresh = (k, v)
-        if cache is not None:
-            k = write_cache(cache[0], k, ctx.write_positions)
-            v = write_cache(cache[1], v, ctx.write_positions)
         out = attn.attend(q, k, v, ctx.self_bias, ctx.self_mask, keys[0])
         out = checkpoint_name(out, "attention_out")
         x = x + dropout(out, rate, keys[1])
@@ -114,7 +108,48 @@ class Layer(nnx.Module):
         h = self.pre_mlp_norm(x)
         out, stats = self.mlp(h, ctx.token_mask, keys[4])
         x = x + dropout(out, rate, keys[5])
-        return x, stats, fresh
+        return x, stats, (k, v)
+
+    def cross_key_value(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys/values of the encoder output in the cache layout [B, K, S, H]
+        (computed once per request for `decode`)."""
+        w = self.cross_attention
+        kernel = lambda p: p[...].astype(w.dtype)  # noqa: E731
+        names = ("batch", "kv_heads", "length", "kv")
+        k = jnp.einsum("bsd,dkh->bksh", encoded, kernel(w.k))
+        v = jnp.einsum("bsd,dkh->bksh", encoded, kernel(w.v))
+        return constrain(k, names), constrain(v, names)
+
+    def decode(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],
+               cross_kv: tuple[jax.Array, jax.Array] | None = None):
+        """Incremental decoding: x [N, 1, D] holds one new position per row.
+
+        Its keys/values are first written into this layer's cache (k, v) [N, K, M, H] at
+        ctx.write_positions, then the position attends over the cache (ctx.self_mask hides the
+        slots not written yet) and over `cross_kv` [B, K, S, H] (B divides N: see
+        `decode_attention`). No dropout. Returns (x, (k cache, v cache)).
+
+        Writing before reading lets XLA update the cache in place inside a `while_loop`
+        (reading the old cache and writing afterwards made it copy the cache every step).
+        """
+        attn = self.self_attention
+        h = self.pre_self_attention_norm(x)
+        q = attn.query(h)
+        k, v = attn.key_value(h)
+        if self.rope_theta is not None:
+            q = apply_rope(q, ctx.positions, self.rope_theta)
+            k = apply_rope(k, ctx.positions, self.rope_theta)
+        k_cache = write_position(cache[0], k, ctx.write_positions)
+        v_cache = write_position(cache[1], v, ctx.write_positions)
+        out = decode_attention(q, k_cache, v_cache, bias=ctx.self_bias, mask=ctx.self_mask)
+        x = x + attn.decode_output(out)
+        if self.has_cross:
+            cattn = self.cross_attention
+            q = cattn.query(self.pre_cross_attention_norm(x))
+            out = decode_attention(q, cross_kv[0], cross_kv[1], bias=None, mask=ctx.cross_mask)
+            x = x + cattn.decode_output(out)
+        out, _ = self.mlp(self.pre_mlp_norm(x), ctx.token_mask, None)
+        return x + out, (k_cache, v_cache)
 
 
 class LayerGroup(nnx.Module):
@@ -225,6 +260,20 @@ class Stack(nnx.Module):
                                       (state, grouped))
         ys = jax.tree.map(lambda a: a.reshape(num, *a.shape[2:]), ys)
         return x, stats, ys
+
+    def layer_modules(self) -> list[Layer]:
+        """The layers as a list of modules, in order. For a scanned stack each one holds
+        static slices of the stacked parameters: call this once, outside a decoding loop, so
+        the slices are taken once per request rather than in every step (XLA does not hoist
+        them out of the loop by itself)."""
+        if not self.scanned:
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        out: list[Layer] = []
+        for g in range(self.num_layers // self.period):
+            unit = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state))
+            out.extend([unit] if self.period == 1 else list(unit.layers))
+        return out
 
     def layer_keys(self, key: jax.Array | None) -> jax.Array | None:
         return None if key is None else jax.random.split(key, self.num_layers)

@@ -10,6 +10,8 @@ Incremental decoding::
     >>> cache = model.init_decode_cache(batch_size=B, max_len=64)
     >>> logits, cache = model.prefill(prompt, prefix_lengths, cache)   # [B, vocab] at len-1
     >>> logits, cache = model.decode_step(next_tokens, prefix_lengths, cache)  # per-row step
+    >>> # in a decoding loop: layers = model.decoder.layer_modules() once, outside the loop,
+    >>> # then model.decode_step(next_tokens, step, cache, layers)
 
 `prefill` treats prompt positions < prefix_lengths[b] as the bidirectional prefix (pass the
 SeqIO prefix length, i.e. inputs + 1) and ignores the rest of the row (padding). The next
@@ -25,7 +27,8 @@ from flax import nnx
 from t5lite.config import ModelConfig
 from t5lite.errors import UserError
 from t5lite.models.blocks import Context, Stack
-from t5lite.models.encoder_decoder import OutputHead, aux_from_stats, step_through
+from t5lite.models.encoder_decoder import (OutputHead, aux_from_stats, empty_cache,
+                                          step_through)
 from t5lite.models.layers import dropout, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, prefix_lm_mask, segment_mask
 
@@ -62,21 +65,20 @@ class DecoderOnly(OutputHead):
         x = dropout(x, self.config.dropout_rate, k_out)
         return self.logits(x), aux_from_stats(self.config, stats)
 
-    def init_decode_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
-        """Zeroed self-attention cache {"k", "v": [layers, B, max_len, kv_heads, head_dim]}."""
-        cfg = self.config
-        shape = (cfg.num_decoder_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    def init_decode_cache(self, batch_size: int, max_len: int) -> dict:
+        """Zeroed self-attention cache {"k", "v": tuple of num_layers arrays
+        [B, kv_heads, max_len, head_dim]}."""
+        return empty_cache(self.config, batch_size, max_len)
 
-    def prefill(self, tokens: jax.Array, prefix_lengths: jax.Array,
-                cache: dict[str, jax.Array]):
+    def prefill(self, tokens: jax.Array, prefix_lengths: jax.Array, cache: dict):
         """Run the prompt tokens [B, P] (positions < prefix_lengths are the bidirectional
         prefix, the rest padding), fill cache positions [0, P), and return (float32 logits
         [B, vocab] at position prefix_lengths - 1, cache)."""
         batch, length = tokens.shape
-        if length > cache["k"].shape[2]:
-            raise UserError(f"prompt length {length} exceeds the cache length "
-                            f"{cache['k'].shape[2]}; make the cache longer.")
+        max_len = cache["k"][0].shape[2]
+        if length > max_len:
+            raise UserError(f"prompt length {length} exceeds the cache length {max_len}; "
+                            "make the cache longer.")
         prefix_lengths = jnp.broadcast_to(jnp.asarray(prefix_lengths, jnp.int32), (batch,))
         idx = jnp.arange(length)
         in_prefix = idx[None, :] < prefix_lengths[:, None]
@@ -85,26 +87,27 @@ class DecoderOnly(OutputHead):
                       self_bias=self.decoder.position_bias(pos, pos), positions=pos,
                       token_mask=in_prefix)
 
-        def fn(layer, carry, index):
-            x, all_k, all_v = carry
-            x, stats, (k, v) = layer(x, ctx, None)
-            all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype),
-                                                 (index, 0, 0, 0, 0))
-            all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype),
-                                                 (index, 0, 0, 0, 0))
-            return (x, all_k, all_v), stats, None
+        def fn(layer, x, _):
+            x, stats, kv = layer(x, ctx, None)
+            return x, stats, kv
 
-        (x, new_k, new_v), _, _ = self.decoder.run(
-            fn, (self.embed(tokens), cache["k"], cache["v"]), jnp.arange(self.decoder.num_layers))
+        x, _, (k, v) = self.decoder.run(fn, self.embed(tokens), None)  # [layers, B, P, K, H]
+
+        def fill(old: tuple, new: jax.Array) -> tuple:
+            new = jnp.swapaxes(new, 2, 3)  # [layers, B, K, P, H]: the cache layout
+            return tuple(jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
+                         for i, c in enumerate(old))
+
         x = self.decoder.final_norm(x)
         last = jnp.take_along_axis(x, jnp.maximum(prefix_lengths - 1, 0)[:, None, None], axis=1)
-        return self.logits(last)[:, 0], {"k": new_k, "v": new_v}
+        return self.logits(last)[:, 0], {"k": fill(cache["k"], k), "v": fill(cache["v"], v)}
 
-    def decode_step(self, tokens: jax.Array, step: jax.Array | int,
-                    cache: dict[str, jax.Array]):
+    def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict,
+                    layers: list | None = None):
         """tokens int [B] at position `step` (scalar or per row [B]) -> (float32 [B, vocab],
-        updated cache)."""
-        return step_through(self, self.embed(tokens[:, None]), step, cache, None)
+        updated cache). Inside a decoding loop pass `layers=self.decoder.layer_modules()`
+        computed outside the loop."""
+        return step_through(self, self.embed(tokens[:, None]), step, cache, None, layers)
 
 
 __all__ = ["DecoderOnly"]

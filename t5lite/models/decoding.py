@@ -7,11 +7,12 @@ interface, the *step function*::
     #   tokens int32 [N] (the token fed at this step), step int32 scalar, cache: any pytree
     #   -> logits float32 [N, vocab], the updated cache
 
-An encoder-decoder model gives one with its cross-attention K/V closed over (computed once per
-request, outside the loop)::
+An encoder-decoder model gives one with its per-layer parameters and cross-attention K/V closed
+over (both prepared once per request, outside the loop, so the loop body only reads them)::
 
-    cross = model.precompute_cross_attention(encoded, encoder_tokens)
-    step_fn = lambda tok, i, cache: model.decode_step(tok, i, cache, cross)
+    layers = model.decoder.layer_modules()
+    cross = model.precompute_cross_attention(encoded, encoder_tokens, layers)
+    step_fn = lambda tok, i, cache: model.decode_step(tok, i, cache, cross, layers)
 
 Conventions (the T5 ones): PAD = 0, EOS = 1, the decoder starts from token 0. Outputs are
 `[B, max_decode_len]` int32 arrays holding the generated tokens, EOS included, and PAD after it.
@@ -34,9 +35,10 @@ K slots (score = log-probability / ((5 + length) / 6) ** alpha, length counting 
 T5X). At the last position, hypotheses cut off by `max_decode_len` count as finished (length =
 max_decode_len), so there are always K results. It stops when all K hypotheses of every batch
 element have finished; beam_size=1 is exactly greedy.
-The cache (and anything the step function closes over, such as cross-attention K/V) must have
-batch N = B * K laid out beam-minor: row `b * K + k` is beam k of batch element b.
-`tile_beams` builds that layout from a batch-B tree.
+The cache must have batch N = B * K laid out beam-minor: row `b * K + k` is beam k of batch
+element b. `tile_beams` builds that layout from a batch-B tree. What the step function closes
+over may stay per batch element when the step function maps rows to it: t5lite's
+`decode_step` lets the K beam rows of element b share its cross-attention K/V row b.
 """
 
 from __future__ import annotations
@@ -319,8 +321,8 @@ def beam_search(step_fn: StepFn, cache: PyTree, batch_size: int, config: DecodeC
     an exhaustive search. (T5X instead keeps finished hypotheses in a separate pool and keeps K
     hypotheses alive; that explores more but is not greedy at K=1.)
 
-    `cache` (and whatever `step_fn` closes over, such as cross-attention K/V) must already be
-    tiled to batch B*K (`tile_beams`); `batch_axes` says where each cache leaf keeps its batch
+    `cache` must already be tiled to batch B*K (`tile_beams`; cross-attention K/V closed over
+    by a t5lite `decode_step` need not be); `batch_axes` says where each cache leaf keeps its batch
     dimension, so the cache can be reordered when the beams are re-ranked. `initial_logits`
     [B, V] (decoder-only prefill) are tiled here. `early_stop=False` runs all `max_decode_len`
     steps (same result; for testing the stopping rule).

@@ -11,9 +11,10 @@ Example::
     >>> model = EncoderDecoder(cfg, rngs=nnx.Rngs(params=0, dropout=1))
     >>> logits, aux = model(enc_tokens, dec_tokens)        # [B, T, vocab] float32
     >>> encoded = model.encode(enc_tokens)
-    >>> cross = model.precompute_cross_attention(encoded, enc_tokens)
+    >>> layers = model.decoder.layer_modules()          # once per request, outside the loop
+    >>> cross = model.precompute_cross_attention(encoded, enc_tokens, layers)
     >>> cache = model.init_decode_cache(batch_size=B, max_decode_len=T)
-    >>> step_logits, cache = model.decode_step(dec_tokens[:, 0], 0, cache, cross)
+    >>> step_logits, cache = model.decode_step(dec_tokens[:, 0], 0, cache, cross, layers)
     >>> # step_logits == logits[:, 0]
 """
 
@@ -28,7 +29,6 @@ from t5lite.errors import UserError
 from t5lite.models.blocks import Context, Stack, Stats, add_stats
 from t5lite.models.layers import Embed, dropout, make_param, normal, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, segment_mask
-from t5lite.models.mlp import zero_stats
 from t5lite.parallel.rules import constrain
 
 
@@ -179,60 +179,65 @@ class EncoderDecoder(OutputHead):
         return logits, aux_from_stats(self.config, add_stats(enc_stats, dec_stats))
 
     # ------------------------------------------------------------------ incremental decoding
-    def precompute_cross_attention(self, encoded: jax.Array,
-                                   encoder_input_tokens: jax.Array) -> dict[str, jax.Array]:
+    def precompute_cross_attention(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+                                   layers: list | None = None) -> dict:
         """Every decoder layer's cross-attention K/V and the encoder padding mask (once per
-        request): {"k", "v": [layers, B, S, kv_heads, head_dim], "mask": bool [B, S]}."""
+        request): {"k", "v": tuple of num_layers arrays [B, kv_heads, S, head_dim],
+        "mask": bool [B, S]}. `layers`: `self.decoder.layer_modules()` if already at hand."""
+        layers = self.decoder.layer_modules() if layers is None else layers
+        kv = [layer.cross_key_value(encoded) for layer in layers]
+        return {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv),
+                "mask": encoder_input_tokens != 0}
 
-        def fn(layer, carry, _):
-            return carry, zero_stats(), layer.cross_attention.key_value(encoded)
+    def init_decode_cache(self, batch_size: int, max_decode_len: int) -> dict:
+        """Zeroed self-attention cache {"k", "v": tuple of num_layers arrays
+        [B, kv_heads, max_decode_len, head_dim]}."""
+        return empty_cache(self.config, batch_size, max_decode_len)
 
-        _, _, (k, v) = self.decoder.run(fn, jnp.zeros((), jnp.int32), None)
-        return {"k": k, "v": v, "mask": encoder_input_tokens != 0}
+    def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict, cross: dict,
+                    layers: list | None = None):
+        """One decoder position for every row: tokens int [N] at position `step` (scalar or [N]).
 
-    def init_decode_cache(self, batch_size: int, max_decode_len: int) -> dict[str, jax.Array]:
-        """Zeroed self-attention cache {"k", "v": [layers, B, max_len, kv_heads, head_dim]}."""
-        cfg = self.config
-        shape = (cfg.num_decoder_layers, batch_size, max_decode_len, cfg.kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-    def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict[str, jax.Array],
-                    cross: dict[str, jax.Array]):
-        """One decoder position for every row: tokens int [B] at position `step` (scalar or [B]).
-
-        Returns (float32 logits [B, vocab], updated cache). Reads cross-attention K/V from
-        `cross` only; writes this position's self-attention K/V into the cache.
+        Returns (float32 logits [N, vocab], updated cache). Reads cross-attention K/V from
+        `cross` only (its batch B may divide N: rows b*N/B .. (b+1)*N/B-1, e.g. the beams of
+        input b, share cross row b); writes this position's self-attention K/V into the cache.
+        Inside a decoding loop pass `layers=self.decoder.layer_modules()` computed outside the
+        loop (see `Stack.layer_modules`).
         """
         x = self.embed(tokens[:, None])
-        return step_through(self, x, step, cache, cross)
+        return step_through(self, x, step, cache, cross, layers)
 
 
-def step_through(model: OutputHead, x: jax.Array, step, cache: dict[str, jax.Array],
-                 cross: dict[str, jax.Array] | None):
-    """Run the decoder stack on one new position per row (shared by both architectures)."""
+def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
+    """Zeroed self-attention cache of both architectures (see `t5lite.models.cache`)."""
+    shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype)  # noqa: E731
+                          for _ in range(cfg.num_decoder_layers))
+    return {"k": zeros(), "v": zeros()}
+
+
+def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict | None,
+                 layers: list | None = None):
+    """Run the decoder stack on one new position per row (shared by both architectures).
+
+    The layers run unrolled (a Python loop, not a scan): each reads its own cache and cross K/V
+    arrays, so nothing is sliced out of a stacked buffer per step."""
     stack: Stack = model.decoder
+    layers = stack.layer_modules() if layers is None else layers
     batch = x.shape[0]
-    max_len = cache["k"].shape[2]
-    pos = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (batch,))
+    max_len = cache["k"][0].shape[2]
+    step = jnp.asarray(step, jnp.int32)
+    pos = step.reshape(-1)  # [1] (same position for all rows) or [N]
     key_pos = jnp.arange(max_len)
     ctx = Context(self_mask=key_padding_mask(key_pos[None, :] <= pos[:, None]),
                   self_bias=stack.position_bias(pos[:, None], key_pos[None, :]),
-                  positions=pos[:, None], write_positions=pos,
+                  positions=jnp.broadcast_to(pos[:, None], (batch, 1)), write_positions=step,
                   cross_mask=None if cross is None else key_padding_mask(cross["mask"]))
-    rows = jnp.arange(batch)
-
-    def fn(layer, carry, xs):
-        x, all_k, all_v = carry
-        index, cross_k, cross_v = xs
-        cross_kv = None if cross_k is None else (cross_k, cross_v)
-        x, stats, (k, v) = layer(x, ctx, None, cache=(all_k[index], all_v[index]),
-                                 cross_kv=cross_kv)
-        all_k = all_k.at[index, rows, pos].set(k[:, 0].astype(all_k.dtype))
-        all_v = all_v.at[index, rows, pos].set(v[:, 0].astype(all_v.dtype))
-        return (x, all_k, all_v), stats, None
-
-    per_layer = (jnp.arange(stack.num_layers),
-                 None if cross is None else cross["k"], None if cross is None else cross["v"])
-    (x, new_k, new_v), _, _ = stack.run(fn, (x, cache["k"], cache["v"]), per_layer)
+    new_k, new_v = [], []
+    for i, layer in enumerate(layers):
+        cross_kv = None if cross is None else (cross["k"][i], cross["v"][i])
+        x, (k, v) = layer.decode(x, ctx, (cache["k"][i], cache["v"][i]), cross_kv)
+        new_k.append(k)
+        new_v.append(v)
     logits = model.logits(stack.final_norm(x))[:, 0]
-    return logits, {"k": new_k, "v": new_v}
+    return logits, {"k": tuple(new_k), "v": tuple(new_v)}
