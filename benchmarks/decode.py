@@ -9,6 +9,8 @@ Each request is `batch` random inputs of `input_len` tokens (EOS last) decoding 
   first-token latency  wall time of a request that decodes 1 token: encoder + cross-attention
                        K/V precompute + one decoder step (+ host transfer)
   request time         wall time of a request decoding output_len tokens
+  step ms              (request time - first-token latency) / (output_len - 1): one iteration
+                       of the decoding loop (all decoder layers + logits + token choice)
   tokens/s             batch * output_len / request time (beam: the returned best beam only)
 
 Times are medians over --repeats runs after one compile/warm-up run. Weights do not matter for
@@ -85,7 +87,7 @@ def main() -> None:
           f"device(s); input {args.input_len} tokens, output {args.output_len} tokens")
     rng = np.random.default_rng(0)
     header = (f"{'decode':<10}{'batch':>6}{'first-token ms':>16}{'request s':>11}"
-              f"{'tokens/s':>10}")
+              f"{'step ms':>9}{'tokens/s':>10}")
     print(header)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         gen = Generator.from_model_dir(model_dir, batch_size=batch)
@@ -104,7 +106,8 @@ def main() -> None:
             first = timed(lambda: run(1), args.repeats)
             full = timed(lambda: run(args.output_len), args.repeats)
             label = method if method == "greedy" else f"beam{beam}"
-            print(f"{label:<10}{batch:>6}{first * 1e3:>16.1f}{full:>11.3f}"
+            step_ms = (full - first) / max(args.output_len - 1, 1) * 1e3
+            print(f"{label:<10}{batch:>6}{first * 1e3:>16.1f}{full:>11.3f}{step_ms:>9.1f}"
                   f"{batch * args.output_len / full:>10.1f}", flush=True)
 
 

@@ -169,6 +169,10 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         "ratio": theirs_s / ours_s, "t5lite_first_call_s": first_s,
         "t5lite_first_token_s": statistics.median(f_ours),
         "transformers_first_token_s": statistics.median(f_theirs),
+        # one decoding-loop iteration: (request - encoder and first token) / remaining tokens
+        "t5lite_step_ms": 1e3 * (ours_s - statistics.median(f_ours)) / max(new_tokens - 1, 1),
+        "transformers_step_ms": (1e3 * (theirs_s - statistics.median(f_theirs))
+                                 / max(new_tokens - 1, 1)),
         "new_tokens": [int(our_tokens.shape[1]), int(hf_tokens.shape[1])],
         "token_agreement": agree,
     }
@@ -240,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"({dec['transformers_decode_s']:.2f} s): ratio {dec['ratio']:.2f}x; "
               f"greedy tokens identical: {100 * dec['token_agreement']:.1f} %", flush=True)
         print(f"       encoder + first token: t5lite {dec['t5lite_first_token_s']:.2f} s, "
-              f"transformers {dec['transformers_first_token_s']:.2f} s", flush=True)
+              f"transformers {dec['transformers_first_token_s']:.2f} s; per further token: "
+              f"t5lite {dec['t5lite_step_ms']:.1f} ms, transformers "
+              f"{dec['transformers_step_ms']:.1f} ms", flush=True)
     result["command"] = "python benchmarks/vs_transformers.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

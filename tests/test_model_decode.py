@@ -225,8 +225,10 @@ def _copies_of_size(body: str, sizes: set[int]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
-def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method):
+@pytest.mark.parametrize("method,arch", [("greedy", "encoder_decoder"),
+                                         ("beam", "encoder_decoder"),
+                                         ("greedy", "decoder_only")])
+def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
     """The compiled decoding loop (Generator, scanned layers) updates the self-attention cache
     in place and reads cross K/V and weights where they are: no copy or transpose the size of
     a kernel, a cache or a cross K/V array in the loop body (such copies made decoding several
@@ -237,6 +239,8 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method):
     # sizes chosen so that no activation has the size of a kernel, cache or cross K/V array
     cfg = tiny(vocab_size=72, d_model=24, d_ff=40, num_decoder_layers=4)
     batch, src, steps, layers = 4, 48, 12, cfg.num_decoder_layers
+    if arch == "decoder_only":  # per-row positions: the cache is written with a scatter
+        cfg = lm_cfg(vocab_size=72, d_model=24, d_ff=40, num_decoder_layers=4)
     gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None, max_input_len=src,
                     batch_size=batch)
     beams = 3 if method == "beam" else 1
@@ -254,7 +258,11 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method):
     sizes = {cross, cross * layers, cross * beams, cache * layers} | kernels
     if method == "greedy":
         sizes.add(cache)
-    loops = [b for b in _while_bodies(hlo) if "dynamic-update-slice" in b]
+    if arch == "decoder_only":  # the cache holds the prompt and the outputs
+        cache = batch * beams * (src + steps) * kv
+    # the decoding loop carries the generated tokens
+    out = f"s32[{batch},{steps}]" if method == "greedy" else f"s32[{batch},{beams},{steps}]"
+    loops = [b for b in _while_bodies(hlo) if out in b.splitlines()[0]]
     assert loops, "no decoding loop found"
     bodies = loops + [inner for b in loops for inner in _while_bodies(hlo, b)]
     assert [c for body in bodies for c in _copies_of_size(body, sizes)] == []
