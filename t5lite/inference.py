@@ -18,7 +18,9 @@ What happens per batch of texts (all inside one jitted function):
     (`t5lite.models.decoding`) runs `decode_step` against them; beams and samples are rows of the
     self-attention cache, while the cross K/V stay one per input (shared by its beams/samples,
     never copied or recomputed per step);
-  * decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by step.
+  * decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by step;
+  * beam search keeps the beams of an input in one shared cache row (`t5lite.models.cache`), so
+    re-ranking beams never copies keys/values.
 
 Sharding: pass a `mesh` (and a rules recipe): parameters are laid out by their logical axes,
 the batch goes over the data axes, and the model's activation constraints apply.
@@ -115,6 +117,18 @@ def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = N
     return nnx.merge(graphdef, params, rest), (found if step is None else step)
 
 
+def _decode_cache(model, inputs: int, max_len: int, config: DecodeConfig, rows: int):
+    """(cache, batch axes) for decoding `inputs` inputs into `rows` rows each. Beam search
+    uses a cache whose beams share each input's cache row (re-ranking beams reorders only its
+    small owner table); greedy / sampling rows are plain independent rows."""
+    from t5lite.models.cache import BATCH_AXIS, BEAM_AXES
+
+    if config.method == "beam":
+        return model.init_decode_cache(inputs, max_len, beams=rows), BEAM_AXES
+    cache = model.init_decode_cache(inputs * rows, max_len)
+    return cache, {k: BATCH_AXIS[k] for k in cache}
+
+
 class Generator:
     """Text in, text out, for an `EncoderDecoder` or `DecoderOnly` model (see module doc)."""
 
@@ -198,37 +212,32 @@ class Generator:
         rows = config.beam_size if config.method == "beam" else repeat
         if self.decoder_only:
             return self._run_decoder_only(model, tokens, lengths, rng, config, repeat, rows)
-        from t5lite.models.cache import BATCH_AXIS
-
         encoded = model.encode(tokens)
         # Once per request, outside the decoding loop: the decoder's per-layer parameters
         # (static slices of a scanned stack) and every layer's cross-attention K/V. The K/V
         # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
         layers = model.decoder.layer_modules()
         cross = model.precompute_cross_attention(encoded, tokens, layers)
-        cache = model.init_decode_cache(batch * rows, config.max_decode_len)
+        cache, axes = _decode_cache(model, batch, config.max_decode_len, config, rows)
 
         def step_fn(tok, i, c):
             return model.decode_step(tok, i, c, cross, layers)
 
-        return decoding.decode(step_fn, cache, batch * repeat, config, rng=rng,
-                               batch_axes={k: BATCH_AXIS[k] for k in cache})
+        return decoding.decode(step_fn, cache, batch * repeat, config, rng=rng, batch_axes=axes)
 
     def _run_decoder_only(self, model, tokens, lengths, rng, config, repeat, rows):
         """Prompt rows are [0, input ids..., EOS] (SeqIO prefix-LM layout: the start token, then
         the inputs); `lengths` counts them all, so it is also the bidirectional prefix length and
         the position of the first generated token."""
-        from t5lite.models.cache import BATCH_AXIS
-
         if repeat > 1:  # several samples per prompt: each is its own row from the start
             tokens = jnp.repeat(tokens, repeat, axis=0)
             lengths = jnp.repeat(lengths, repeat, axis=0)
         n, prompt_len = tokens.shape
-        cache = model.init_decode_cache(n, prompt_len + config.max_decode_len)
-        logits, cache = model.prefill(tokens, lengths, cache)
-        cache_axes = {k: BATCH_AXIS[k] for k in cache}
-        if rows > 1 and config.method == "beam":
-            cache = decoding.tile_beams(cache, rows, cache_axes)
+        per_prompt = rows if config.method == "beam" else 1  # samples were repeated above
+        cache, axes = _decode_cache(model, n, prompt_len + config.max_decode_len, config,
+                                    per_prompt)
+        logits, cache = model.prefill(tokens, lengths, cache)  # beams share the prompt's K/V
+        if config.method == "beam":
             lengths = jnp.repeat(lengths, rows, axis=0)
         layers = model.decoder.layer_modules()  # sliced once, outside the loop
 
@@ -237,7 +246,7 @@ class Generator:
             return model.decode_step(tok, lengths + i, c, layers)
 
         return decoding.decode(step_fn, cache, n, config, rng=rng, initial_logits=logits,
-                               batch_axes=cache_axes)
+                               batch_axes=axes)
 
     def generate_ids(self, token_rows: Sequence[Sequence[int]], config: DecodeConfig,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

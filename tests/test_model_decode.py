@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -12,7 +13,7 @@ from flax import nnx
 
 from t5lite.config import ModelConfig
 from t5lite.models import DecoderOnly, EncoderDecoder, build_model
-from t5lite.models.cache import take_batch, tile_batch
+from t5lite.models.cache import BATCH_AXIS, BEAM_AXES, take_batch, tile_batch
 
 TINY = dict(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=2,
             num_decoder_layers=2, relative_num_buckets=8, relative_max_distance=16)
@@ -87,7 +88,6 @@ def test_beams_share_cross_attention_rows(changes):
     """Cross K/V computed once per input (not tiled per beam) give the same step logits as
     tiled ones, and the same beam search results (GQA included: 2 query heads per K/V head
     and 3 beams per input are regrouped together)."""
-    from t5lite.models.cache import BATCH_AXIS
     from t5lite.models.decoding import DecodeConfig, beam_search
 
     cfg = tiny(**changes)
@@ -111,13 +111,50 @@ def test_beams_share_cross_attention_rows(changes):
 
     config = DecodeConfig(method="beam", beam_size=3, max_decode_len=6, alpha=0.6)
 
-    @jax.jit
-    def search(cross):
-        cache = model.init_decode_cache(6, 6)
+    @functools.partial(jax.jit, static_argnums=1)
+    def search(cross, shared_cache):
+        if shared_cache:  # the 3 beams of an input share its cache row; no K/V reordering
+            cache, axes = model.init_decode_cache(2, 6, beams=3), BEAM_AXES
+        else:  # 6 independent rows, reordered (copied) when beams are re-ranked
+            cache = tile_batch(model.init_decode_cache(2, 6), 3)
+            axes = {k: BATCH_AXIS[k] for k in cache}
         return beam_search(lambda tok, i, c: model.decode_step(tok, i, c, cross, layers), cache,
-                           2, config, batch_axes={k: BATCH_AXIS[k] for k in cache})
+                           2, config, batch_axes=axes, early_stop=False)
 
-    a, b = search(cross), search(tiled)
+    a = search(cross, True)
+    for b in (search(tiled, True), search(cross, False), search(tiled, False)):
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), atol=1e-5)
+    assert len({tuple(t) for t in np.asarray(a.tokens)[0]}) == 3  # real, distinct beams
+
+
+@pytest.mark.parametrize("changes", [{}, dict(position_scheme="rope", num_kv_heads=2)])
+def test_decoder_only_beam_cache_shares_the_prompt(changes):
+    """Decoder-only beam search with the shared beam cache (prompt prefilled once into region
+    0, per-row positions) equals beam search over independent tiled rows."""
+    from t5lite.models.decoding import DecodeConfig, beam_search, tile_beams
+
+    model = build_model(lm_cfg(**changes), rngs=nnx.Rngs(params=0))
+    prompt = tokens(3, (2, 6)).at[:, 0].set(0)
+    lengths = jnp.array([4, 6])
+    prompt = jnp.where(jnp.arange(6)[None, :] < lengths[:, None], prompt, 0)
+    config = DecodeConfig(method="beam", beam_size=3, max_decode_len=5, alpha=0.6)
+    rows = jnp.repeat(lengths, 3)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def search(shared_cache):
+        if shared_cache:
+            cache, axes = model.init_decode_cache(2, 11, beams=3), BEAM_AXES
+            logits, cache = model.prefill(prompt, lengths, cache)
+        else:
+            logits, cache = model.prefill(prompt, lengths, model.init_decode_cache(2, 11))
+            axes = {k: BATCH_AXIS[k] for k in cache}
+            cache = tile_beams(cache, 3, axes)
+        step = lambda tok, i, c: model.decode_step(tok, rows + i, c)  # noqa: E731
+        return beam_search(step, cache, 2, config, initial_logits=logits, batch_axes=axes,
+                           early_stop=False)
+
+    a, b = search(True), search(False)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_allclose(np.asarray(a.scores), np.asarray(b.scores), atol=1e-5)
 
@@ -232,15 +269,15 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
     """The compiled decoding loop (Generator, scanned layers) updates the self-attention cache
     in place and reads cross K/V and weights where they are: no copy or transpose the size of
     a kernel, a cache or a cross K/V array in the loop body (such copies made decoding several
-    times slower). Beam search does copy cache rows when it reorders the beams."""
+    times slower). Beam search re-ranks beams without copying the caches either."""
     from t5lite.inference import Generator
     from t5lite.models.decoding import DecodeConfig
 
     # sizes chosen so that no activation has the size of a kernel, cache or cross K/V array
-    cfg = tiny(vocab_size=72, d_model=24, d_ff=40, num_decoder_layers=4)
+    cfg = tiny(vocab_size=80, d_model=24, d_ff=40, num_decoder_layers=4)
     batch, src, steps, layers = 4, 48, 12, cfg.num_decoder_layers
     if arch == "decoder_only":  # per-row positions: the cache is written with a scatter
-        cfg = lm_cfg(vocab_size=72, d_model=24, d_ff=40, num_decoder_layers=4)
+        cfg = lm_cfg(vocab_size=80, d_model=24, d_ff=40, num_decoder_layers=4)
     gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None, max_input_len=src,
                     batch_size=batch)
     beams = 3 if method == "beam" else 1
@@ -255,9 +292,7 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
                                                   rngs=nnx.Rngs(params=0)))
     kernels = {a.size for m in (gen.model, unrolled)  # stacked and per-layer parameters
                for a in jax.tree.leaves(nnx.state(m, nnx.Param)) if a.size >= 256}
-    sizes = {cross, cross * layers, cross * beams, cache * layers} | kernels
-    if method == "greedy":
-        sizes.add(cache)
+    sizes = {cross, cross * layers, cross * beams, cache, cache * layers} | kernels
     if arch == "decoder_only":  # the cache holds the prompt and the outputs
         cache = batch * beams * (src + steps) * kv
     # the decoding loop carries the generated tokens

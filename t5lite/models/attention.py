@@ -152,9 +152,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
     q [N, T, heads, H] with N = B * R: the R consecutive query rows b*R .. b*R+R-1 all read
     key/value row b (R = 1 for a self-attention cache; R = beams or samples for cross-attention
     K/V computed once per input, so they are never copied per beam). The R rows become extra
-    query positions of one attention call. bias is float32 [B|1, heads, T, S]; mask bool
-    [B|1, 1, T|1, S] (True = may attend), both for the R = 1 case; with R > 1 they must have a
-    leading 1 or B (per input, shared by its R rows) and T = 1.
+    query positions of one attention call. bias is float32 [B|1, heads, T', S] and mask bool
+    [B|1, 1, T', S] (True = may attend) with T' = 1 (shared by all queries of a row b) or
+    T' = R * T (one per regrouped query, in row order).
 
     [B, K, S, H] puts the dot products' batch dimensions (b, k) outermost, so on CPU the keys
     and values are read in place every step (the [B, S, K, H] training layout made XLA
@@ -183,13 +183,25 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
 
 
 def write_position(cache: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:
-    """Write one new position's keys or values new [B, 1, K, H] into cache [B, K, M, H].
+    """Write one new position's keys or values new [N, 1, K, H] into cache [B, K, R*M, H].
 
-    `position` is a scalar (every row writes the same slot: one dynamic-update-slice, done in
-    place inside a decoding loop) or int [B] (a slot per row: a scatter).
+    N = B * R: row n = b*R + r owns region r (positions r*M .. r*M + M-1) of cache row b (R = 1:
+    a plain per-row cache; R > 1: the beams of input b share one cache row, see
+    `t5lite.models.cache`). `position` (< M) is a scalar (every row writes the same position:
+    one dynamic-update-slice, in place inside a decoding loop) or int [N] (a scatter).
     """
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, 1, H]
+    n, _, kv_heads, head_dim = new.shape
+    batch = cache.shape[0]
+    reps = n // batch
+    length = cache.shape[2] // reps
+    new = new.reshape(batch, reps, kv_heads, head_dim).astype(cache.dtype)
+    # The cache is indexed as it is, never reshaped: XLA:CPU updated a reshaped view of a
+    # loop-carried buffer out of place (a copy of the whole cache per step).
     if position.ndim == 0:
-        return jax.lax.dynamic_update_slice(cache, new, (0, 0, position, 0))
-    rows = jnp.arange(cache.shape[0])
-    return cache.at[rows, :, position].set(new[:, :, 0])
+        for r in range(reps):
+            update = new[:, r, :, None, :]  # [B, K, 1, H]
+            cache = jax.lax.dynamic_update_slice(cache, update, (0, 0, r * length + position, 0))
+        return cache
+    b = jnp.arange(n) // reps
+    r = jnp.arange(n) % reps
+    return cache.at[b, :, r * length + position].set(new.reshape(n, kv_heads, head_dim))

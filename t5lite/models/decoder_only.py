@@ -65,17 +65,19 @@ class DecoderOnly(OutputHead):
         x = dropout(x, self.config.dropout_rate, k_out)
         return self.logits(x), aux_from_stats(self.config, stats)
 
-    def init_decode_cache(self, batch_size: int, max_len: int) -> dict:
-        """Zeroed self-attention cache {"k", "v": tuple of num_layers arrays
-        [B, kv_heads, max_len, head_dim]}."""
-        return empty_cache(self.config, batch_size, max_len)
+    def init_decode_cache(self, batch_size: int, max_len: int, beams: int = 1) -> dict:
+        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`):
+        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * max_len, head_dim],
+        "owner": int32 [B * beams, max_len]}. `prefill` takes the B prompts; with beams > 1
+        their K/V are stored once and read by every beam."""
+        return empty_cache(self.config, batch_size, max_len, beams)
 
     def prefill(self, tokens: jax.Array, prefix_lengths: jax.Array, cache: dict):
         """Run the prompt tokens [B, P] (positions < prefix_lengths are the bidirectional
         prefix, the rest padding), fill cache positions [0, P), and return (float32 logits
         [B, vocab] at position prefix_lengths - 1, cache)."""
         batch, length = tokens.shape
-        max_len = cache["k"][0].shape[2]
+        max_len = cache["owner"].shape[1]
         if length > max_len:
             raise UserError(f"prompt length {length} exceeds the cache length {max_len}; "
                             "make the cache longer.")
@@ -94,13 +96,15 @@ class DecoderOnly(OutputHead):
         x, _, (k, v) = self.decoder.run(fn, self.embed(tokens), None)  # [layers, B, P, K, H]
 
         def fill(old: tuple, new: jax.Array) -> tuple:
-            new = jnp.swapaxes(new, 2, 3)  # [layers, B, K, P, H]: the cache layout
+            # [layers, B, K, P, H]: the cache layout; region 0 (owner 0 at every position)
+            new = jnp.swapaxes(new, 2, 3)
             return tuple(jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
                          for i, c in enumerate(old))
 
         x = self.decoder.final_norm(x)
         last = jnp.take_along_axis(x, jnp.maximum(prefix_lengths - 1, 0)[:, None, None], axis=1)
-        return self.logits(last)[:, 0], {"k": fill(cache["k"], k), "v": fill(cache["v"], v)}
+        return self.logits(last)[:, 0], {"k": fill(cache["k"], k), "v": fill(cache["v"], v),
+                                         "owner": cache["owner"]}
 
     def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict,
                     layers: list | None = None):

@@ -138,19 +138,24 @@ class DecodeOutput:
 def _axes_tree(tree: PyTree, batch_axes: BatchAxes) -> PyTree:
     if isinstance(batch_axes, int):
         return jax.tree.map(lambda _: batch_axes, tree)
-    return jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub), batch_axes, tree)
+    return jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub), batch_axes, tree,
+                        is_leaf=lambda ax: ax is None)
 
 
 def tile_beams(tree: PyTree, beam_size: int, batch_axes: BatchAxes = 0) -> PyTree:
-    """Repeat every row `beam_size` times along its batch axis (row b -> rows b*K .. b*K+K-1)."""
+    """Repeat every row `beam_size` times along its batch axis (row b -> rows b*K .. b*K+K-1).
+    Leaves whose batch axis is None are left alone."""
     axes = _axes_tree(tree, batch_axes)
-    return jax.tree.map(lambda x, ax: jnp.repeat(x, beam_size, axis=ax), tree, axes)
+    return jax.tree.map(lambda x, ax: x if ax is None else jnp.repeat(x, beam_size, axis=ax),
+                        tree, axes)
 
 
 def gather_rows(tree: PyTree, rows: jax.Array, batch_axes: BatchAxes = 0) -> PyTree:
-    """Select `rows` (int [N]) along each leaf's batch axis (beam reordering of a cache)."""
+    """Select `rows` (int [N]) along each leaf's batch axis (beam reordering of a cache).
+    Leaves whose batch axis is None are not reordered."""
     axes = _axes_tree(tree, batch_axes)
-    return jax.tree.map(lambda x, ax: jnp.take(x, rows, axis=ax), tree, axes)
+    return jax.tree.map(lambda x, ax: x if ax is None else jnp.take(x, rows, axis=ax),
+                        tree, axes)
 
 
 def process_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -321,9 +326,11 @@ def beam_search(step_fn: StepFn, cache: PyTree, batch_size: int, config: DecodeC
     an exhaustive search. (T5X instead keeps finished hypotheses in a separate pool and keeps K
     hypotheses alive; that explores more but is not greedy at K=1.)
 
-    `cache` must already be tiled to batch B*K (`tile_beams`; cross-attention K/V closed over
-    by a t5lite `decode_step` need not be); `batch_axes` says where each cache leaf keeps its batch
-    dimension, so the cache can be reordered when the beams are re-ranked. `initial_logits`
+    `cache` must already hold B*K rows (`tile_beams`, or a t5lite cache made with beams=K;
+    cross-attention K/V closed over by a t5lite `decode_step` need no tiling); `batch_axes` says
+    where each cache leaf keeps its batch dimension, so the cache can be reordered when the beams
+    are re-ranked (None: a leaf that is not reordered, such as the K/V of a t5lite beam cache,
+    `t5lite.models.cache.BEAM_AXES`). `initial_logits`
     [B, V] (decoder-only prefill) are tiled here. `early_stop=False` runs all `max_decode_len`
     steps (same result; for testing the stopping rule).
 

@@ -189,10 +189,11 @@ class EncoderDecoder(OutputHead):
         return {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv),
                 "mask": encoder_input_tokens != 0}
 
-    def init_decode_cache(self, batch_size: int, max_decode_len: int) -> dict:
-        """Zeroed self-attention cache {"k", "v": tuple of num_layers arrays
-        [B, kv_heads, max_decode_len, head_dim]}."""
-        return empty_cache(self.config, batch_size, max_decode_len)
+    def init_decode_cache(self, batch_size: int, max_decode_len: int, beams: int = 1) -> dict:
+        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`):
+        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * max_decode_len, head_dim],
+        "owner": int32 [B * beams, max_decode_len]}."""
+        return empty_cache(self.config, batch_size, max_decode_len, beams)
 
     def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict, cross: dict,
                     layers: list | None = None):
@@ -200,7 +201,9 @@ class EncoderDecoder(OutputHead):
 
         Returns (float32 logits [N, vocab], updated cache). Reads cross-attention K/V from
         `cross` only (its batch B may divide N: rows b*N/B .. (b+1)*N/B-1, e.g. the beams of
-        input b, share cross row b); writes this position's self-attention K/V into the cache.
+        input b, share cross row b); writes this position's self-attention K/V into the cache
+        (N rows: a plain cache, or a beam cache shared by the rows of an input, see
+        `t5lite.models.cache`).
         Inside a decoding loop pass `layers=self.decoder.layer_modules()` computed outside the
         loop (see `Stack.layer_modules`).
         """
@@ -208,12 +211,14 @@ class EncoderDecoder(OutputHead):
         return step_through(self, x, step, cache, cross, layers)
 
 
-def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict:
-    """Zeroed self-attention cache of both architectures (see `t5lite.models.cache`)."""
-    shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, beams: int = 1) -> dict:
+    """Zeroed self-attention cache of both architectures (see `t5lite.models.cache`): for
+    batch_size * beams rows; the beams of an input share one cache row (beams > 1)."""
+    shape = (batch_size, cfg.kv_heads, beams * max_len, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype)  # noqa: E731
                           for _ in range(cfg.num_decoder_layers))
-    return {"k": zeros(), "v": zeros()}
+    return {"k": zeros(), "v": zeros(),
+            "owner": jnp.zeros((batch_size * beams, max_len), jnp.int32)}
 
 
 def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict | None,
@@ -221,17 +226,33 @@ def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict
     """Run the decoder stack on one new position per row (shared by both architectures).
 
     The layers run unrolled (a Python loop, not a scan): each reads its own cache and cross K/V
-    arrays, so nothing is sliced out of a stacked buffer per step."""
+    arrays, so nothing is sliced out of a stacked buffer per step. Row n = b*R + r writes its
+    new K/V into region r of cache row b and reads, at every earlier position p, region
+    cache["owner"][n, p] (R = 1 for a plain cache, where every owner is 0)."""
     stack: Stack = model.decoder
     layers = stack.layer_modules() if layers is None else layers
-    batch = x.shape[0]
-    max_len = cache["k"][0].shape[2]
+    rows = x.shape[0]
+    batch = cache["k"][0].shape[0]
+    reps = rows // batch
+    max_len = cache["owner"].shape[1]
     step = jnp.asarray(step, jnp.int32)
     pos = step.reshape(-1)  # [1] (same position for all rows) or [N]
+    region = jnp.arange(rows, dtype=jnp.int32) % reps
+    if step.ndim == 0:
+        owner = jax.lax.dynamic_update_slice(cache["owner"], region[:, None], (0, step))
+    else:
+        owner = cache["owner"].at[jnp.arange(rows), step].set(region)
     key_pos = jnp.arange(max_len)
-    ctx = Context(self_mask=key_padding_mask(key_pos[None, :] <= pos[:, None]),
-                  self_bias=stack.position_bias(pos[:, None], key_pos[None, :]),
-                  positions=jnp.broadcast_to(pos[:, None], (batch, 1)), write_positions=step,
+    visible = (key_pos[None, :] <= pos[:, None])[:, None, :]  # [N|1, 1, M]
+    mask = visible & (owner[:, None, :] == jnp.arange(reps)[None, :, None])  # [N, R, M]
+    mask = mask.reshape(batch, reps, reps * max_len)[:, None]  # [B, 1, R queries, R*M keys]
+    bias = stack.position_bias(pos[:, None], key_pos[None, :])  # [N|1, heads, 1, M]
+    if bias is not None and reps > 1:
+        bias = jnp.tile(bias, (1, 1, 1, reps))
+        if bias.shape[0] > 1:  # per-row positions: [B, heads, R queries, R*M]
+            bias = jnp.swapaxes(bias.reshape(batch, reps, -1, reps * max_len), 1, 2)
+    ctx = Context(self_mask=mask, self_bias=bias,
+                  positions=jnp.broadcast_to(pos[:, None], (rows, 1)), write_positions=step,
                   cross_mask=None if cross is None else key_padding_mask(cross["mask"]))
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
@@ -240,4 +261,4 @@ def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict
         new_k.append(k)
         new_v.append(v)
     logits = model.logits(stack.final_norm(x))[:, 0]
-    return logits, {"k": tuple(new_k), "v": tuple(new_v)}
+    return logits, {"k": tuple(new_k), "v": tuple(new_v), "owner": owner}
