@@ -144,6 +144,17 @@ def test_attention_implementations_agree(impl):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_cudnn_config_runs_on_cpu_through_the_einsum_core():
+    """A GPU-trained (bf16 + cuDNN) config still evaluates on a CPU, identically to einsum."""
+    cfg = tiny(num_kv_heads=2).replace(dtype="bfloat16")
+    ref = model_of(cfg.replace(attention_impl="einsum"))
+    gpu_trained = model_of(cfg.replace(attention_impl="cudnn"))
+    load_params(gpu_trained, params_dict(ref))
+    enc, dec = batch()
+    np.testing.assert_array_equal(np.asarray(gpu_trained(enc, dec)[0], np.float32),
+                                  np.asarray(ref(enc, dec)[0], np.float32))
+
+
 def test_one_expert_moe_equals_dense_ffn():
     dense_cfg = tiny()
     moe_cfg = dense_cfg.replace(num_experts=1, experts_top_k=1)

@@ -11,7 +11,8 @@ Two implementations of the core (`attention_impl` in ModelConfig):
   "einsum": grouped einsums + float32 softmax, written so that XLA fuses mask, bias and softmax;
   "xla" / "cudnn" / "auto": `jax.nn.dot_product_attention` with that implementation (None for auto).
 Attention-probability dropout needs the probabilities, so training with dropout always uses the
-einsum core.
+einsum core. "cudnn" on a backend without cuDNN (a CPU or TPU, e.g. evaluating or decoding a
+model trained on GPUs) also uses the einsum core: the two compute the same function.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
     batch, q_len, num_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     use_probs_dropout = dropout_key is not None and dropout_rate > 0.0
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        impl = "einsum"
     if impl != "einsum" and not use_probs_dropout:
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=1.0,
