@@ -1,8 +1,10 @@
 """The `t5lite` command: `t5lite <verb> [flags]`.
 
-Each verb lives in its own module `t5lite.commands.<verb>` that defines its absl flags and a
-`main(argv)` function; this dispatcher imports only the verb that was asked for, so `t5lite data`
-never pays for importing the trainer and vice versa.
+Each verb lives in its own module `t5lite.commands.<verb>` that defines its absl flags in its own
+registry `FLAGS` (shared flags come from `t5lite.commands.common`) and a `main()` function
+(`main(gin_bindings)` for verbs that read gin). This dispatcher imports only the verb that was
+asked for, so `t5lite data` never pays for importing the trainer and vice versa; heavy imports
+inside verb modules are deferred to `main`, so importing all of them together is cheap too.
 
 Example::
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
+from typing import NoReturn
 
 from t5lite.errors import UserError
 
@@ -51,43 +55,93 @@ def _quiet_library_logs(args: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script."""
-    argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-        print(_usage())
-        sys.exit(0 if len(argv) >= 2 else 2)
-    verb = argv[1]
+def import_verb(verb: str) -> ModuleType:
+    """The module of `verb` (UserError for an unknown verb or one missing from this build)."""
     if verb not in VERBS:
-        print(f"error: unknown verb {verb!r}.\n\n{_usage()}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"unknown verb {verb!r}.\n\n{_usage()}")
     module_name, _ = VERBS[verb]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name:
-            print(f"error: `t5lite {verb}` is not available in this build.", file=sys.stderr)
-            sys.exit(2)
+            raise UserError(f"`t5lite {verb}` is not available in this build.") from None
         raise
+
+
+def _parse_flags(prog: str, argv: list[str]) -> list[str]:
+    """absl's flag parsing, with bad flags reported as one `error:` line and exit status 2."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        text = " ".join(str(e).split())
+        print(f"error: {text} (`{prog} --help` lists its flags)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_verb(verb: str, args: list[str]) -> NoReturn:
+    """Parse `args` with the flags of `verb` and run it; exits (0, or 2 after an `error:` line).
+
+    The verb's own flag registry (`module.FLAGS`, see t5lite.commands.common) joins absl's
+    global registry for this run only, so any number of verbs can run one after another in one
+    process (tests do) and `--help` lists just this verb's flags. Verbs that read gin get the
+    `--gin.NAME=VALUE` bindings as the argument of their `main`; the others reject them.
+    """
+    from functools import partial
+
     from absl import app, flags
 
-    # `t5lite <verb> --help` lists the flags the verb's module defines (absl shows the key
-    # flags of sys.argv[0], the console script, which defines none itself).
-    for flag in flags.FLAGS.get_flags_for_module(module.__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    from t5lite.commands import common, gin_setup
 
-    def run_verb(verb_argv: list[str]) -> None:
-        _quiet_library_logs(argv[2:])
+    module = import_verb(verb)
+    verb_flags: flags.FlagValues = module.FLAGS
+    takes_gin = common.takes_gin(verb_flags)
+    gin_bindings: list[str] = []
+    if takes_gin:
+        args, gin_bindings = gin_setup.split_gin_overrides(args)
+    prog = f"t5lite {verb}"
+
+    def run(verb_argv: list[str]) -> None:
+        verb_flags.mark_as_parsed()  # its flags were parsed through the global registry
+        _quiet_library_logs(args)
         try:
-            module.main(verb_argv)
+            if len(verb_argv) > 1:
+                raise UserError(f"unexpected arguments {verb_argv[1:]}; flags look like "
+                                "--name=value.")
+            if takes_gin:
+                module.main(gin_bindings)
+            else:
+                module.main()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    from t5lite.commands import gin_setup
+    flags.FLAGS.append_flag_values(verb_flags)
+    try:
+        # `--help` shows the key flags of sys.argv[0] (the console script defines none itself).
+        for name in verb_flags:
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], verb_flags[name])
+        app.run(run, argv=[prog] + args, flags_parser=partial(_parse_flags, prog))
+    finally:
+        flags.FLAGS.remove_flag_values(verb_flags)
+        for name in verb_flags:
+            verb_flags[name].unparse()  # back to the defaults for a later run in this process
+    sys.exit(0)  # app.run always exits; this is for type checkers
 
-    rest, gin_setup.COMMAND_LINE_BINDINGS[:] = gin_setup.split_gin_overrides(argv[2:])
-    app.run(run_verb, argv=[f"t5lite {verb}"] + rest)
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script: `main(["t5lite", verb, *flags])`."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    try:
+        import_verb(argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_verb(argv[1], argv[2:])
 
 
 if __name__ == "__main__":

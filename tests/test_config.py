@@ -62,16 +62,12 @@ def test_info_command_prints_model_info(preset, repo_root, capsys):
     import os
     import re
 
-    from absl import flags
+    from t5lite import cli
 
-    from t5lite.commands import gin_setup, info
-
-    flags.FLAGS(["t5lite info", f"--gin_file={os.path.join(repo_root, 'gin/models', preset)}.gin"])
-    gin_setup.COMMAND_LINE_BINDINGS[:] = []
-    try:
-        info.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["t5lite", "info",
+                  f"--gin_file={os.path.join(repo_root, 'gin/models', preset)}.gin"])
+    assert not exit_info.value.code
     out = capsys.readouterr().out
     assert "total parameters:" in out and "('layers', 'embed', " in out
     share = float(re.search(r"encoder share of non-embedding parameters: ([\d.]+)%", out)[1])

@@ -13,9 +13,9 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from t5lite.commands.data import show_examples
 from t5lite.data import denoisers, registry, tasks
 from t5lite.data.metrics import exact_match
+from t5lite.data.preview import preview_examples
 from t5lite.data.vocab import load_vocabulary, piece_id, train_vocabulary
 from t5lite.errors import ConfigError, UserError
 
@@ -113,9 +113,9 @@ def test_user_text_and_jsonl_tasks(tmp_path):
         tasks.text_files_source({"validation": [str(tmp_path / "val.jsonl.gz")]},
                                 file_format="jsonl", text_key="body"),
         vocab, denoisers.prefix_lm(), default_sequence_length={"inputs": 32, "targets": 32})
-    records = show_examples("user_text_sc", num=3)
+    records = preview_examples("user_text_sc", num=3)
     assert len(records) == 3 and all(len(r["inputs"]) == 32 for r in records)
-    records = show_examples("user_jsonl_plm", split="validation", num=5, shuffle=False)
+    records = preview_examples("user_jsonl_plm", split="validation", num=5, shuffle=False)
     assert [r["inputs"][:-1] + r["targets"][:-1] for r in records] == [
         list(vocab.encode(line)) for line in lines[:5]]
     with pytest.raises(UserError, match="no file matches"):
@@ -151,11 +151,11 @@ def test_c4_task_path_over_a_local_tfds_dataset(tmp_path):
     names = c4_tasks.add_c4_tasks(prefix="tiny_c4", tfds_name="t5lite_tiny_c4/en:3.1.0",
                                   data_dir=str(tmp_path), vocabulary=demo.vocabulary())
     assert names == ["tiny_c4_span_corruption", "tiny_c4_ul2"]
-    records = show_examples("tiny_c4_span_corruption", split="validation", num=4,
-                            sequence_length={"inputs": 512, "targets": 114})
+    records = preview_examples("tiny_c4_span_corruption", split="validation", num=4,
+                               sequence_length={"inputs": 512, "targets": 114})
     assert [len(r["inputs"]) for r in records].count(512) >= 3
     assert all("<extra_id_0>" in r["targets_pretty"] for r in records)
-    ul2 = show_examples("tiny_c4_ul2", num=3, sequence_length={"inputs": 128, "targets": 128})
+    ul2 = preview_examples("tiny_c4_ul2", num=3, sequence_length={"inputs": 128, "targets": 128})
     assert all(r["inputs_pretty"].split()[0] in ("[NLU]", "[NLG]", "[S2S]") for r in ul2)
     # The bundled c4 tasks use the same code with TFDS c4/en:3.1.0.
     source = registry.get_task_or_mixture("c4_ul2").source
@@ -164,7 +164,7 @@ def test_c4_task_path_over_a_local_tfds_dataset(tmp_path):
 
 def test_demo_copy_task_and_exact_match_metric():
     task = registry.get_task_or_mixture("demo_copy")
-    records = show_examples("demo_copy", split="validation", num=3, shuffle=False)
+    records = preview_examples("demo_copy", split="validation", num=3, shuffle=False)
     for r in records:
         assert r["inputs_pretty"] == "copy: " + r["targets_pretty"]
     assert task.metric_fns == [exact_match] or exact_match in task.metric_fns
@@ -172,7 +172,7 @@ def test_demo_copy_task_and_exact_match_metric():
 
 
 def test_demo_bart_examples_decode_to_text():
-    records = show_examples("demo_bart", num=2, sequence_length={"inputs": 64, "targets": 64})
+    records = preview_examples("demo_bart", num=2, sequence_length={"inputs": 64, "targets": 64})
     for r in records:
         assert len(r["targets"]) <= 64 and r["targets"][-1] == 1
         assert "<extra_id_0>" in r["inputs_pretty"] or len(r["targets"]) < 10

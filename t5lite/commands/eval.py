@@ -12,19 +12,17 @@ context — and appends the result to `metrics.jsonl` (split "eval").
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
-
-from t5lite.commands import gin_setup
+from t5lite.commands import common, gin_setup
 from t5lite.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-gin_setup.define_common_flags()
-if "model_dir" not in flags.FLAGS:
-    flags.DEFINE_string("model_dir", None, "the model dir to evaluate")
-FLAGS = flags.FLAGS
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir",
+                        model_dir="the one to evaluate")
 
 
 def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
@@ -113,15 +111,13 @@ def _exp(x: float) -> float:
     return math.exp(min(x, 50.0))
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+def main(gin_bindings: Sequence[str]) -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
     from t5lite.parallel.hosts import initialize_distributed
 
     initialize_distributed()
-    gin_setup.parse_gin(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS))
+    gin_setup.parse_gin(FLAGS.gin_file, gin_bindings)
     eval_config = gin_setup.build("EvalConfig")
     mesh_config = gin_setup.build("MeshConfig")
     metrics = evaluate_model_dir(FLAGS.model_dir, eval_config, mesh_config, FLAGS.module_import,

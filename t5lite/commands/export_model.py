@@ -13,18 +13,18 @@ from __future__ import annotations
 
 from absl import flags
 
+from t5lite.commands import common
 from t5lite.errors import UserError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("format", "hf", ["hf"], "target format (hf = transformers save_pretrained)")
-flags.DEFINE_string("model_dir", None, "the t5lite model dir to export")
-flags.DEFINE_string("output", None, "directory to write (must not hold a model yet)")
-flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "model_dir", "step", model_dir="the one to export")
+flags.DEFINE_enum("format", "hf", ["hf"], "target format (hf = transformers save_pretrained)",
+                  flag_values=FLAGS)
+flags.DEFINE_string("output", None, "directory to write (must not hold a model yet)",
+                    flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+def main() -> None:
     if not FLAGS.model_dir or not FLAGS.output:
         raise UserError("--model_dir and --output are both required.")
     from t5lite.export.hf import export_hf

@@ -34,9 +34,6 @@ from t5lite.errors import ConfigError, UserError
 
 GIN_FLAG_PREFIX = "--gin."
 
-# `--gin.NAME=VALUE` bindings taken off the command line by t5lite.cli before absl parses flags.
-COMMAND_LINE_BINDINGS: list[str] = []
-
 # name -> gin-wrapped class (calling it applies the bindings)
 _CONFIGURABLES: dict[str, Callable[..., Any]] = {}
 
@@ -214,16 +211,3 @@ def operative_config() -> str:
     import gin
 
     return gin.operative_config_str()
-
-
-def define_common_flags() -> None:
-    """`--gin_file` (repeatable) and `--module_import` (repeatable), defined once per process."""
-    from absl import flags
-
-    if "gin_file" not in flags.FLAGS:
-        flags.DEFINE_multi_string("gin_file", [], "gin file(s), parsed in order; e.g. "
-                                  "--gin_file=gin/models/t5_1_1/small.gin "
-                                  "--gin_file=gin/runs/pretrain.gin")
-    if "module_import" not in flags.FLAGS:
-        flags.DEFINE_multi_string("module_import", ["t5lite_tasks"],
-                                  "modules that register SeqIO tasks / mixtures (repeatable)")

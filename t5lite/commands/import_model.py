@@ -16,23 +16,25 @@ from __future__ import annotations
 
 from absl import flags
 
+from t5lite.commands import common
 from t5lite.errors import UserError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("format", "hf", ["hf"], "source format (hf = transformers save_pretrained)")
-flags.DEFINE_string("input", None, "the transformers model directory")
-flags.DEFINE_string("model_dir", None, "the t5lite model dir to write (must hold no checkpoint)")
-flags.DEFINE_string("vocab", None, "SentencePiece model (default: INPUT/spiece.model)")
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "model_dir", model_dir="the one to write; must hold no checkpoint")
+flags.DEFINE_enum("format", "hf", ["hf"], "source format (hf = transformers save_pretrained)",
+                  flag_values=FLAGS)
+flags.DEFINE_string("input", None, "the transformers model directory", flag_values=FLAGS)
+flags.DEFINE_string("vocab", None, "SentencePiece model (default: INPUT/spiece.model)",
+                    flag_values=FLAGS)
 flags.DEFINE_integer("inputs_length", 512, "input length recorded in run_info.json (max input "
-                     "tokens for infer/eval)")
+                     "tokens for infer/eval)", flag_values=FLAGS)
 flags.DEFINE_integer("targets_length", 114, "target length recorded in run_info.json (default "
-                     "max decode length)")
-flags.DEFINE_bool("scan_layers", True, "store the layers stacked for nnx.scan (fast compiles)")
+                     "max decode length)", flag_values=FLAGS)
+flags.DEFINE_bool("scan_layers", True, "store the layers stacked for nnx.scan (fast compiles)",
+                  flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+def main() -> None:
     if not FLAGS.input:
         raise UserError("--input is required (a transformers save_pretrained directory).")
     if not FLAGS.model_dir:

@@ -25,31 +25,37 @@ import sys
 
 from absl import flags
 
+from t5lite.commands import common
 from t5lite.errors import UserError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "model dir written by `t5lite train` or `t5lite import`")
-flags.DEFINE_string("input", None, "one input text (use --input_file for many)")
-flags.DEFINE_string("input_file", None, "a text file with one input per line")
-flags.DEFINE_enum("decode", "greedy", ["greedy", "sample", "beam"], "decoding method")
-flags.DEFINE_integer("beam_size", 4, "beam width (--decode=beam)")
-flags.DEFINE_float("alpha", 0.6, "beam search length penalty exponent ((5+len)/6)^alpha")
-flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
-flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
-flags.DEFINE_float("top_p", 1.0, "nucleus sampling probability mass (1 = all)")
-flags.DEFINE_integer("num_samples", 1, "outputs per input (samples, or best beams)")
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "model_dir", "step", "seed", "format", "module_import",
+                        model_dir="written by `t5lite train` or `t5lite import`",
+                        seed="for sampling", module_import="for --task_examples")
+flags.DEFINE_string("input", None, "one input text (use --input_file for many)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("input_file", None, "a text file with one input per line", flag_values=FLAGS)
+flags.DEFINE_enum("decode", "greedy", ["greedy", "sample", "beam"], "decoding method",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("beam_size", 4, "beam width (--decode=beam)", flag_values=FLAGS)
+flags.DEFINE_float("alpha", 0.6, "beam search length penalty exponent ((5+len)/6)^alpha",
+                   flag_values=FLAGS)
+flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)",
+                     flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling probability mass (1 = all)",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1, "outputs per input (samples, or best beams)",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("max_decode_len", None, "max generated tokens (default: the model's "
-                     "target length from run_info.json)")
-flags.DEFINE_string("output_file", None, "write here instead of stdout")
-flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
-flags.DEFINE_integer("seed", 0, "random seed for sampling")
-flags.DEFINE_integer("batch_size", 8, "inputs decoded together")
+                     "target length from run_info.json)", flag_values=FLAGS)
+flags.DEFINE_string("output_file", None, "write here instead of stdout", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "inputs decoded together", flag_values=FLAGS)
 flags.DEFINE_bool("truncate", False, "cut inputs longer than the model's input length instead "
-                  "of failing")
-flags.DEFINE_integer("step", None, "checkpoint step to load (default: latest)")
+                  "of failing", flag_values=FLAGS)
 flags.DEFINE_integer("task_examples", 0, "instead of --input: decode the first N validation "
                      "examples of the model's task (run_info.json) and print input, output, "
-                     "target and the input with the model's filled-in spans")
+                     "target and the input with the model's filled-in spans", flag_values=FLAGS)
 
 
 def read_inputs(text: str | None, path: str | None) -> list[str]:
@@ -85,7 +91,9 @@ def format_results(results, fmt: str) -> list[str]:
     return lines
 
 
-def show_task_examples(model_dir: str, num: int) -> None:
+def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
+                       step: int | None, batch_size: int, decode: str) -> None:
+    """Decode the first `num` validation examples of the model's task and print them."""
     from t5lite.data.registry import import_task_modules
     from t5lite.evaluation import show_predictions
     from t5lite.inference import Generator
@@ -95,21 +103,20 @@ def show_task_examples(model_dir: str, num: int) -> None:
     if not info.task:
         raise UserError(f"{model_dir}/run_info.json names no task; --task_examples needs a "
                         "model trained on a registered task.")
-    import_task_modules(["t5lite_tasks"])
-    gen = Generator.from_model_dir(model_dir, step=FLAGS.step, batch_size=FLAGS.batch_size)
-    lines = show_predictions(gen, info.task, info.task_feature_lengths, num=num,
-                             decode=FLAGS.decode)
-    print(f"{num} validation examples of {info.task} decoded by {model_dir} ({FLAGS.decode}):")
+    import_task_modules(module_imports)
+    gen = Generator.from_model_dir(model_dir, step=step, batch_size=batch_size)
+    lines = show_predictions(gen, info.task, info.task_feature_lengths, num=num, decode=decode)
+    print(f"{num} validation examples of {info.task} decoded by {model_dir} ({decode}):")
     print("\n".join(lines))
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+def main() -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
     if FLAGS.task_examples:
-        show_task_examples(FLAGS.model_dir, FLAGS.task_examples)
+        show_task_examples(FLAGS.model_dir, FLAGS.task_examples,
+                           module_imports=FLAGS.module_import, step=FLAGS.step,
+                           batch_size=FLAGS.batch_size, decode=FLAGS.decode)
         return
     inputs = read_inputs(FLAGS.input, FLAGS.input_file)
     from t5lite.inference import Generator

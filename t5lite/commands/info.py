@@ -13,36 +13,38 @@ Nothing is allocated: the model is built abstractly (shapes only).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from absl import flags
 
-from t5lite.commands import gin_setup
+from t5lite.commands import common, gin_setup
 
-FLAGS = flags.FLAGS
-gin_setup.define_common_flags()
-flags.DEFINE_string("model_dir", None, "read model_config.json from this model dir instead of gin")
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "gin_file", "model_dir",
+                        model_dir="read its model_config.json instead of gin files")
 flags.DEFINE_string("sharding", None, "also show mesh axes under this recipe (dp, fsdp, tp, "
-                    "dp_tp, fsdp_tp) on a mesh from MeshConfig and this host's devices")
+                    "dp_tp, fsdp_tp) on a mesh from MeshConfig and this host's devices",
+                    flag_values=FLAGS)
 
 
-def load_config():
-    """ModelConfig from --model_dir or from the gin files and --gin bindings."""
+def load_config(model_dir: str | None, gin_files: list[str], gin_bindings: Sequence[str]):
+    """ModelConfig from `model_dir` when given, else from the gin files and bindings."""
     from t5lite.config import ModelConfig
 
-    if FLAGS.model_dir:
+    if model_dir:
         from t5lite.model_dir import read_model_config
 
-        return read_model_config(FLAGS.model_dir)
-    gin_setup.parse_gin(FLAGS.gin_file, gin_setup.COMMAND_LINE_BINDINGS)
+        return read_model_config(model_dir)
+    gin_setup.parse_gin(gin_files, gin_bindings)
     config = gin_setup.build("ModelConfig")
     assert isinstance(config, ModelConfig)
     return config
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main(gin_bindings: Sequence[str]) -> None:
     from t5lite.models import model_info
 
-    config = load_config()
+    config = load_config(FLAGS.model_dir, FLAGS.gin_file, gin_bindings)
     mesh = rules = None
     if FLAGS.sharding:
         from t5lite.parallel.mesh import make_mesh

@@ -18,22 +18,23 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 from absl import flags
 
-from t5lite.commands import gin_setup
+from t5lite.commands import common, gin_setup
 from t5lite.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-gin_setup.define_common_flags()
-if "model_dir" not in flags.FLAGS:
-    flags.DEFINE_string("model_dir", None, "directory for checkpoints, metrics and run files")
-flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
-flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-flags.DEFINE_string("cpu_collectives", None, "multi-process CPU runs: 'gloo'")
-FLAGS = flags.FLAGS
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir",
+                        model_dir="written; re-run the command to resume")
+flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index", flag_values=FLAGS)
+flags.DEFINE_string("cpu_collectives", None, "multi-process CPU runs: 'gloo'", flag_values=FLAGS)
 
 
 @dataclasses.dataclass
@@ -46,7 +47,7 @@ class TrainRun:
     data_config: object
 
 
-def configure(gin_files: list[str], bindings: list[str]) -> TrainRun:
+def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> TrainRun:
     """Parse gin and build the configured dataclasses (UserError on bad input)."""
     gin_setup.parse_gin(gin_files, bindings)
     return TrainRun(model_config=gin_setup.build("ModelConfig"),
@@ -55,7 +56,7 @@ def configure(gin_files: list[str], bindings: list[str]) -> TrainRun:
                     data_config=gin_setup.build("DataConfig"))
 
 
-def run(gin_files: list[str], bindings: list[str], model_dir: str,
+def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
         module_imports: list[str], console: bool = True):
     """The whole command after distributed start-up; returns the TrainResult."""
     from t5lite.data.registry import get_task_or_mixture, get_vocabulary, import_task_modules
@@ -91,18 +92,14 @@ def run(gin_files: list[str], bindings: list[str], model_dir: str,
                  console=console, predict_eval_fn=predict_eval_fn)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+def main(gin_bindings: Sequence[str]) -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required (where checkpoints and metrics go).")
     logging.getLogger("t5lite").setLevel(logging.INFO)
     from t5lite.parallel.hosts import initialize_distributed
 
-
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.cpu_collectives)
-    result = run(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS), FLAGS.model_dir,
-                 FLAGS.module_import)
+    result = run(FLAGS.gin_file, gin_bindings, FLAGS.model_dir, FLAGS.module_import)
     if result.preempted:
         sys.exit(0)

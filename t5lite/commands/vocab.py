@@ -13,20 +13,25 @@ from __future__ import annotations
 
 from absl import flags
 
+from t5lite.commands import common
 from t5lite.errors import UserError
 
-FLAGS = flags.FLAGS
+FLAGS = common.new_flags()
 flags.DEFINE_list("input", None,
-                  "comma-separated training text files (.txt, .jsonl, optionally .gz)")
-flags.DEFINE_integer("vocab_size", 8000, "number of SentencePiece pieces (extra ids come on top)")
-flags.DEFINE_string("output", None, "output prefix: writes PREFIX.model and PREFIX.vocab")
-flags.DEFINE_string("text_key", "text", "JSON field holding the text in .jsonl inputs")
-flags.DEFINE_integer("input_sentence_size", 2_000_000, "max lines sampled for training")
-flags.DEFINE_integer("num_threads", 2, "trainer threads")
+                  "comma-separated training text files (.txt, .jsonl, optionally .gz)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", 8000, "number of SentencePiece pieces (extra ids come on top)",
+                     flag_values=FLAGS)
+flags.DEFINE_string("output", None, "output prefix: writes PREFIX.model and PREFIX.vocab",
+                    flag_values=FLAGS)
+flags.DEFINE_string("text_key", "text", "JSON field holding the text in .jsonl inputs",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("input_sentence_size", 2_000_000, "max lines sampled for training",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("num_threads", 2, "trainer threads", flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     if not FLAGS.input:
         raise UserError("--input is required (comma-separated text or .jsonl files)")
     if not FLAGS.output:

@@ -7,6 +7,7 @@ vocab.py         train / load SentencePiece vocabularies
 sources.py       text / JSONL data source;  tasks.py: register your own task in a few lines
 registry.py      task lookup by name;  pipeline.py: DataConfig -> fixed-shape NumPy batches
 metrics.py       metric functions for supervised tasks
+preview.py       a task's first examples as the model sees them (`t5lite data`)
 
 Nothing is imported here: TensorFlow loads only when a data module is used.
 """
