@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+from absl import flags
 
 from t5lite import cli
 from t5lite.commands import common
@@ -35,7 +36,7 @@ def test_all_verb_modules_coexist_in_one_process():
     assert set(VERB_MODULES) == {"train", "eval", "infer", "data", "vocab", "import", "export",
                                  "info"}
     for verb, module in VERB_MODULES.items():
-        assert isinstance(module.FLAGS, common.flags.FlagValues), verb
+        assert isinstance(module.FLAGS, flags.FlagValues), verb
         assert callable(module.main), verb
     # Same spelling, different meaning, different verbs: each keeps its own.
     assert VERB_MODULES["infer"].FLAGS["format"].parser.enum_values == ["text", "json"]
