@@ -34,7 +34,7 @@ from flax import nnx
 
 from t5lite.errors import UserError
 from t5lite.model_dir import checkpoint_dir
-from t5lite.train.state import path_key
+from t5lite.parallel.rules import path_key
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,6 @@ class TrainCheckpointer:
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
 
     def save(self, state: Any, data_position: int) -> None:
         """Start saving `state` (a TrainState) at its step; returns before the write ends."""

@@ -38,9 +38,11 @@ from flax import nnx
 
 from t5lite.errors import UserError
 from t5lite.models.decoding import trim_at_eos
+from t5lite.parallel.rules import DEFAULT_INFERENCE_RECIPE
 
 log = logging.getLogger(__name__)
 
+# The train loop's and `t5lite eval`'s hook: (model, step) -> {metric name: value}.
 PredictEvalFn = Callable[[nnx.Module, int], dict[str, float]]
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -181,7 +183,7 @@ def make_predict_eval_fn(task_name: str, task_feature_lengths: dict[str, int], *
                          num_examples: int | None = 256, decode: str = "greedy",
                          max_decode_len: int | None = None, beam_size: int = 4,
                          alpha: float = 0.6, batch_size: int = 8, mesh: Any = None,
-                         rules: Any = "dp_tp") -> PredictEvalFn | None:
+                         rules: Any = DEFAULT_INFERENCE_RECIPE) -> PredictEvalFn | None:
     """The train loop's / `t5lite eval`'s decoding hook for `task_name`, or None when the task
     (or no sub-task of the mixture) has metric functions that need predictions or scores.
 

@@ -45,7 +45,8 @@ from t5lite.config import ModelConfig
 from t5lite.errors import UserError
 from t5lite.models import decoding
 from t5lite.models.decoding import EOS_ID, PAD_ID, DecodeConfig, DecodeOutput
-from t5lite.parallel.rules import Rules, axis_rules, get_rules, logical_to_sharding
+from t5lite.parallel.rules import (DEFAULT_INFERENCE_RECIPE, Rules, axes_to_pure, get_rules,
+                                   logical_to_sharding, partitioned, tree_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _bucket(length: int, max_len: int) -> int:
 
 
 def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = None,
-               rules: str | Rules = "dp_tp", config: ModelConfig | None = None):
+               rules: str | Rules = DEFAULT_INFERENCE_RECIPE, config: ModelConfig | None = None):
     """(model, step) restored from `model_dir`'s checkpoint (latest unless `step`).
 
     Parameters are created abstractly and restored straight into their final sharding (on
@@ -102,13 +103,8 @@ def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = N
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     shardings = None
     if mesh is not None:
-        axes = param_logical_axes(abstract_params)
-        table = get_rules(rules)
-        shardings = jax.tree.map(
-            lambda ax, a: logical_to_sharding(tuple(ax) if ax else (None,) * a.ndim, mesh, table,
-                                              a.shape),
-            nnx.to_pure_dict(axes) if isinstance(axes, nnx.State) else axes,
-            nnx.to_pure_dict(abstract_params), is_leaf=lambda x: x is None or isinstance(x, tuple))
+        shardings = tree_shardings(axes_to_pure(param_logical_axes(abstract_params)),
+                                   nnx.to_pure_dict(abstract_params), mesh, get_rules(rules))
     params = checkpoint.restore_params(model_dir, abstract_params, shardings, step=step)
     rest = abstract_rest
     if jax.tree.leaves(abstract_rest):  # non-parameter state (e.g. RNG counters): build for real
@@ -134,7 +130,7 @@ class Generator:
 
     def __init__(self, model: nnx.Module, vocabulary: Any, *, max_input_len: int,
                  default_decode_len: int = 64, batch_size: int = 8, mesh: Mesh | None = None,
-                 rules: str | Rules = "dp_tp"):
+                 rules: str | Rules = DEFAULT_INFERENCE_RECIPE):
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size} must be a positive integer.")
         self.model = model
@@ -161,7 +157,7 @@ class Generator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model_dir(cls, model_dir: str, *, step: int | None = None, batch_size: int = 8,
-                       mesh: Mesh | None = None, rules: str | Rules = "dp_tp",
+                       mesh: Mesh | None = None, rules: str | Rules = DEFAULT_INFERENCE_RECIPE,
                        vocabulary_path: str | None = None) -> "Generator":
         """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`."""
         from t5lite.data.vocab import load_vocabulary
@@ -275,8 +271,7 @@ class Generator:
             tokens[r, : len(ids)] = ids
             lengths[r] = len(ids)
         tokens_j, lengths_j = self._place(tokens), self._place(lengths)
-        ctx = _mesh_context(self.mesh, self.rules)
-        with ctx():
+        with partitioned(self.mesh, self.rules):
             out = self._jitted(self._state, tokens_j, lengths_j, rng, config=config)
         toks = np.asarray(jax.device_get(out.tokens))
         scores = np.asarray(jax.device_get(out.scores))
@@ -323,21 +318,6 @@ class Generator:
             results.append(Generation(input=text, outputs=[self.detokenize(i) for i in ids],
                                       output_ids=ids, scores=[float(s) for s in row_scores]))
         return results
-
-
-def _mesh_context(mesh: Mesh | None, rules: Rules):
-    """A context factory: set the mesh and the activation-sharding rules while tracing."""
-    import contextlib
-
-    if mesh is None:
-        return contextlib.nullcontext
-
-    @contextlib.contextmanager
-    def ctx():
-        with jax.set_mesh(mesh), axis_rules(mesh, rules):
-            yield
-
-    return ctx
 
 
 __all__ = ["Generation", "Generator", "load_model"]

@@ -18,7 +18,7 @@ from t5lite.train.adafactor import adafactor, factor_spec
 from t5lite.train.losses import LossConfig, token_loss_sums
 from t5lite.train.optim import OptimizerConfig, make_optimizer, weight_decay_mask
 from t5lite.train.schedules import ScheduleConfig, make_schedule
-from t5lite.train.state import opt_state_shardings
+from t5lite.parallel.rules import opt_state_shardings
 
 
 # ---------------------------------------------------------------- schedules
@@ -144,7 +144,7 @@ def test_optimizer_state_follows_parameter_shardings():
     for name in ("adamw", "adafactor"):
         tx, _ = make_optimizer(OptimizerConfig(name=name), params, axes, total_steps=10)
         opt = jax.eval_shape(tx.init, params)
-        shard = opt_state_shardings(opt, params, axes, mesh, rules)
+        shard = opt_state_shardings(opt, axes, mesh, rules)
         specs = {tuple(str(k) for k in path): s.spec
                  for path, s in jax.tree_util.tree_flatten_with_path(shard)[0]}
         assert P(None, "fsdp") in specs.values()

@@ -1,4 +1,14 @@
-"""Logical axis names -> mesh axes: one rules table per sharding recipe.
+"""Partitioning: logical axis names -> mesh axes -> shardings, in one place.
+
+This module is the single home of "where does an array live on the mesh":
+
+- recipes (`RECIPES`, `get_rules`): one rules table per sharding recipe;
+- single arrays: `logical_to_spec` / `logical_to_sharding`;
+- trees: `is_axes` (the leaf test of a logical-axes tree), `axes_to_pure`, `path_key`,
+  `tree_shardings` (params and any tree shaped like them) and `opt_state_shardings`
+  (optimiser-state leaves inherit the axes of the parameter they belong to);
+- tracing: `partitioned(mesh, rules)` sets the mesh and the activation rules, inside which
+  `constrain` shards activations by logical names.
 
 Model code names every parameter and main activation dimension with a *logical* axis
 (`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`, `expert`,
@@ -22,6 +32,8 @@ Example::
     PartitionSpec(('dcn', 'data', 'fsdp', 'expert'), None, None)
     >>> logical_to_spec(("embed", "mlp"), get_rules("fsdp_tp"))
     PartitionSpec('fsdp', 'tensor')
+    >>> with partitioned(mesh, "fsdp"):
+    ...     compiled = jax.jit(step).lower(*args).compile()  # activations constrained
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5lite.errors import ConfigError
@@ -62,6 +75,10 @@ RECIPES: dict[str, Rules] = {
     # fsdp x tensor parallel: the usual choice for large models on a pod slice.
     "fsdp_tp": (("batch", _BATCH_AXES), ("embed", "fsdp")) + _TENSOR_PARAMS + _EXPERT,
 }
+
+# The recipe inference (`t5lite infer`, `Generator`, `load_model`, decode metrics) uses unless
+# told otherwise: batch over the data axes, heads / mlp / vocab over `tensor`.
+DEFAULT_INFERENCE_RECIPE = "dp_tp"
 
 
 def get_rules(name_or_rules: str | Rules) -> Rules:
@@ -131,9 +148,47 @@ def logical_to_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: R
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh, shape))
 
 
+# ---------------------------------------------------------------- trees of logical axes
+def is_axes(x: Any) -> bool:
+    """True for a leaf of a logical-axes tree: None (replicated) or a tuple of names / Nones."""
+    return x is None or (isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
+                                                      for a in x))
+
+
+def path_key(path: tuple) -> tuple[str, ...]:
+    """A tree path as a tuple of plain strings (DictKey/GetAttrKey/SequenceKey alike)."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def axes_to_pure(axes_tree: Any) -> Any:
+    """A logical-axes tree shaped like an nnx.State -> nested dict of axis tuples."""
+    if isinstance(axes_tree, nnx.State):
+        axes_tree = nnx.to_pure_dict(axes_tree)
+
+    def walk(node: Any) -> Any:
+        if is_axes(node):
+            return node
+        if isinstance(node, nnx.Variable):
+            return walk(node.get_value() if hasattr(node, "get_value") else node[...])
+        if hasattr(node, "items"):
+            return {k: walk(v) for k, v in node.items()}
+        raise TypeError(f"unexpected node {type(node).__name__} in a logical-axes tree")
+
+    return walk(axes_tree)
+
+
 def tree_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """Map a tree of logical-axis tuples and a matching tree of arrays/ShapeDtypeStructs to
-    NamedShardings. Leaves of `logical_tree` are tuples of names (or None = replicated)."""
+    NamedShardings (of the same structure: pure dicts or nnx.State). Leaves of `logical_tree`
+    are tuples of names (or None = replicated)."""
 
     def one(axes: Any, leaf: Any) -> NamedSharding:
         shape = getattr(leaf, "shape", ())
@@ -141,10 +196,28 @@ def tree_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules: Rules)
             axes = (None,) * len(shape)
         return logical_to_sharding(tuple(axes), mesh, rules, shape)
 
-    return jax.tree.map(one, logical_tree, shape_tree,
-                        is_leaf=lambda x: x is None or (isinstance(x, tuple) and
-                                                        all(isinstance(a, (str, type(None)))
-                                                            for a in x)))
+    return jax.tree.map(one, logical_tree, shape_tree, is_leaf=is_axes)
+
+
+def opt_state_shardings(abstract_opt_state: Any, param_axes: Any, mesh: Mesh,
+                        rules: Rules) -> Any:
+    """Shardings for an optimiser state: a leaf whose path ends with a parameter's path and
+    that has that parameter's rank takes the parameter's logical axes (Adam moments, Adafactor's
+    keepdims statistics whose reduced dims have size 1); others (counters) are replicated."""
+    by_path: dict[tuple[str, ...], tuple] = {}
+    for path, axes in jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=is_axes)[0]:
+        by_path[path_key(path)] = axes
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        key = path_key(path)
+        for start in range(len(key)):
+            axes = by_path.get(key[start:])
+            if axes is not None and len(axes) == len(leaf.shape):
+                return logical_to_sharding(tuple(axes), mesh, rules, leaf.shape)
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
 # ---------------------------------------------------------------- activation constraints
@@ -162,9 +235,15 @@ def axis_rules(mesh: Mesh, rules: str | Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
-    """The (mesh, rules) set by the innermost `axis_rules` context, or None."""
-    return _ACTIVE.get()
+@contextlib.contextmanager
+def partitioned(mesh: Mesh | None, rules: str | Rules) -> Iterator[None]:
+    """The context for tracing / compiling / running sharded code: `jax.set_mesh(mesh)` plus
+    `axis_rules(mesh, rules)`. With `mesh=None` it does nothing (single-device code)."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), axis_rules(mesh, rules):
+        yield
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from t5lite import checkpoint, model_dir as md
 from t5lite.config import ModelConfig
+from t5lite.evaluation import PredictEvalFn
 from t5lite.errors import UserError
 from t5lite.parallel.hosts import (DataShard, all_hosts_agree, data_shard_info, host_to_global,
                                    is_primary, sync_hosts)
@@ -48,7 +49,6 @@ from t5lite.train.setup import TrainSetup, load_start, make_setup, plan_start
 log = logging.getLogger("t5lite.train")
 
 HostBatch = dict[str, np.ndarray]
-PredictEvalFn = Callable[[nnx.Module, int], dict[str, float]]
 
 
 class DataSource(Protocol):

@@ -26,6 +26,7 @@ import jax
 import optax
 
 from t5lite.errors import ConfigError
+from t5lite.parallel.rules import is_axes
 from t5lite.train.adafactor import BATCH_NAMES, adafactor, factor_spec
 from t5lite.train.schedules import ScheduleConfig, make_schedule
 
@@ -78,11 +79,6 @@ class OptimizerConfig:
             fail(f"eps={self.eps} must be positive.")
 
 
-def _is_axes(x: Any) -> bool:
-    return x is None or (isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
-                                                      for a in x))
-
-
 def weight_decay_mask(params: Any, param_axes: Any) -> Any:
     """True for parameters that get weight decay: >= 2 dims besides `layers`/`expert` dims."""
 
@@ -91,7 +87,7 @@ def weight_decay_mask(params: Any, param_axes: Any) -> Any:
             return p.ndim >= 2
         return sum(1 for a in axes if a not in BATCH_NAMES) >= 2
 
-    return jax.tree.map(keep, param_axes, params, is_leaf=_is_axes)
+    return jax.tree.map(keep, param_axes, params, is_leaf=is_axes)
 
 
 def make_optimizer(config: OptimizerConfig, params: Any, param_axes: Any,
@@ -105,7 +101,7 @@ def make_optimizer(config: OptimizerConfig, params: Any, param_axes: Any,
         specs = jax.tree.map(
             lambda axes, p: factor_spec(p.shape, axes, config.min_dim_size_to_factor,
                                         config.factored),
-            param_axes, params, is_leaf=_is_axes)
+            param_axes, params, is_leaf=is_axes)
         core = adafactor(schedule, specs, decay_exponent=config.decay_exponent,
                          epsilon1=config.epsilon1, epsilon2=config.epsilon2,
                          clipping_threshold=config.clipping_threshold,

@@ -33,11 +33,11 @@ from t5lite import checkpoint
 from t5lite.config import ModelConfig
 from t5lite.errors import ConfigError
 from t5lite.models import build_model, param_logical_axes
-from t5lite.parallel.rules import Rules, axis_rules, get_rules, logical_to_sharding
+from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sharding,
+                                   partitioned)
 from t5lite.train.config import TrainConfig
 from t5lite.train.optim import make_optimizer
-from t5lite.train.state import (TrainState, abstract_with_shardings, axes_to_pure,
-                                train_state_shardings)
+from t5lite.train.state import TrainState, abstract_with_shardings, train_state_shardings
 from t5lite.train.trainer import (make_apply_fn, make_eval_step, make_train_step,
                                   new_train_state)
 
@@ -69,22 +69,7 @@ class TrainSetup:
 
     def traced(self):
         """Context for tracing/compiling: the mesh and the logical-axis rules."""
-        return _Tracing(self.mesh, self.rules)
-
-
-class _Tracing:
-    def __init__(self, mesh: Mesh, rules: Rules):
-        self._set_mesh = jax.set_mesh(mesh)
-        self._rules = axis_rules(mesh, rules)
-
-    def __enter__(self):
-        self._set_mesh.__enter__()
-        self._rules.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._rules.__exit__(*exc)
-        return self._set_mesh.__exit__(*exc)
+        return partitioned(self.mesh, self.rules)
 
 
 def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
@@ -136,7 +121,7 @@ def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh)
     def rest_only() -> nnx.State:
         return nnx.split(build(), nnx.Param, ...)[2]
 
-    with _Tracing(mesh, rules):
+    with partitioned(mesh, rules):
         abs_rest = jax.eval_shape(rest_only)
         rest_shardings = jax.tree.map(lambda _: replicated, abs_rest)
         rest = jax.jit(rest_only, out_shardings=rest_shardings)()
@@ -153,7 +138,7 @@ def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh)
 
     def run_traced(fn):
         def wrapped(*args):
-            with _Tracing(mesh, rules):
+            with partitioned(mesh, rules):
                 return fn(*args)
 
         return wrapped
