@@ -219,7 +219,7 @@ class Generator:
         def step_fn(tok, i, c):
             return model.decode_step(tok, i, c, cross, layers)
 
-        return decoding.decode(step_fn, cache, batch * repeat, config, rng=rng, batch_axes=axes)
+        return decoding.run_decoding(step_fn, cache, batch * repeat, config, rng=rng, batch_axes=axes)
 
     def _run_decoder_only(self, model, tokens, lengths, rng, config, repeat, rows):
         """Prompt rows are [0, input ids..., EOS] (SeqIO prefix-LM layout: the start token, then
@@ -241,7 +241,7 @@ class Generator:
             # generated token i sits right after the prompt of its row
             return model.decode_step(tok, lengths + i, c, layers)
 
-        return decoding.decode(step_fn, cache, n, config, rng=rng, initial_logits=logits,
+        return decoding.run_decoding(step_fn, cache, n, config, rng=rng, initial_logits=logits,
                                batch_axes=axes)
 
     def generate_ids(self, token_rows: Sequence[Sequence[int]], config: DecodeConfig,

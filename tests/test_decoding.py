@@ -100,7 +100,7 @@ def run(tables, config: DecodeConfig, n: int, rng=None, batch_axes_on=True):
     step_fn = make_step_fn(*tables)
     cache = init_cache(n * (config.beam_size if config.method == "beam" else 1),
                        tables[1].shape[0] - 1)
-    return dec.decode(step_fn, cache, n, config, rng=rng,
+    return dec.run_decoding(step_fn, cache, n, config, rng=rng,
                       batch_axes=BATCH_AXES if batch_axes_on else 0)
 
 
@@ -137,7 +137,7 @@ def test_rows_finish_independently():
         return step_fn(tokens, step, cache)
 
     cfg = DecodeConfig(method="greedy", max_decode_len=L)
-    both = jax.jit(lambda: dec.decode(row_step, init_cache(4), 4, cfg))()
+    both = jax.jit(lambda: dec.run_decoding(row_step, init_cache(4), 4, cfg))()
     for r in range(4):
         fed, out = [int(starts[r])], []
         for _ in range(L):
@@ -162,7 +162,7 @@ def test_initial_logits_path_equals_step_zero():
         k = cfg.beam_size if cfg.method == "beam" else 1
 
         def plain():
-            return dec.decode(step_fn, init_cache(n * k), n, cfg, rng=jax.random.key(3),
+            return dec.run_decoding(step_fn, init_cache(n * k), n, cfg, rng=jax.random.key(3),
                               batch_axes=BATCH_AXES)
 
         def prefilled():
@@ -171,7 +171,7 @@ def test_initial_logits_path_equals_step_zero():
             if k > 1:
                 cache = dec.tile_beams(cache, k, BATCH_AXES)
             shifted = lambda t, s, c: step_fn(t, s + 1, c)  # noqa: E731
-            return dec.decode(shifted, cache, n, cfg, rng=jax.random.key(3),
+            return dec.run_decoding(shifted, cache, n, cfg, rng=jax.random.key(3),
                               initial_logits=logits0, batch_axes=BATCH_AXES)
 
         a, b = jax.jit(plain)(), jax.jit(prefilled)()

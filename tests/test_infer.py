@@ -236,7 +236,7 @@ def test_cross_attention_kv_computed_once_per_request(encdec):
             cross = model.precompute_cross_attention(encoded, tok_in)
             return model.decode_step(tok, i, cache, cross)
 
-        return decoding.decode(step_fn, model.init_decode_cache(4, 8), 4,
+        return decoding.run_decoding(step_fn, model.init_decode_cache(4, 8), 4,
                                gen.make_config("greedy", max_decode_len=8))
 
     dots = _dot_generals(jax.make_jaxpr(bad_run)(tokens).jaxpr)

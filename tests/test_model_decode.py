@@ -13,7 +13,18 @@ from flax import nnx
 
 from t5lite.config import ModelConfig
 from t5lite.models import DecoderOnly, EncoderDecoder, build_model
-from t5lite.models.cache import BATCH_AXIS, BEAM_AXES, take_batch, tile_batch
+from t5lite.models.cache import BATCH_AXIS, BEAM_AXES
+from t5lite.models.decoding import gather_rows, tile_beams
+
+
+def tile_batch(tree, n):
+    """Repeat every row of a plain cache / cross K/V tree n times (row b -> rows b*n..)."""
+    return tile_beams(tree, n, {k: BATCH_AXIS[k] for k in tree})
+
+
+def take_batch(tree, rows):
+    """Select rows of a plain cache (copying them)."""
+    return gather_rows(tree, rows, {k: BATCH_AXIS[k] for k in tree})
 
 TINY = dict(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=2,
             num_decoder_layers=2, relative_num_buckets=8, relative_max_distance=16)

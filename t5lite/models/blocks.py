@@ -44,7 +44,7 @@ class Context:
     cross_mask  bool [B|1, 1, T, S_enc] (decoder of an encoder-decoder)
     token_mask  [B, T] or None         1 = real token (MoE routing ignores the others)
     encoded     [B, S_enc, D] or None  encoder output (teacher-forced decoding)
-    write_positions int [] or [B]      incremental decoding (`Layer.decode`): the cache slot of
+    write_positions int [] or [B]      incremental decoding (`Layer.decode_step`): the cache slot of
                                        the new position (one for all rows, or one per row)
     """
 
@@ -112,7 +112,7 @@ class Layer(nnx.Module):
 
     def cross_key_value(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Cross-attention keys/values of the encoder output in the cache layout [B, K, S, H]
-        (computed once per request for `decode`)."""
+        (computed once per request for `decode_step`)."""
         w = self.cross_attention
         kernel = lambda p: p[...].astype(w.dtype)  # noqa: E731
         names = ("batch", "kv_heads", "length", "kv")
@@ -120,7 +120,7 @@ class Layer(nnx.Module):
         v = jnp.einsum("bsd,dkh->bksh", encoded, kernel(w.v))
         return constrain(k, names), constrain(v, names)
 
-    def decode(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],
+    def decode_step(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],
                cross_kv: tuple[jax.Array, jax.Array] | None = None):
         """Incremental decoding: x [N, 1, D] holds one new position per row.
 

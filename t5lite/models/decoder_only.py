@@ -7,7 +7,7 @@ each other in both directions; every other position is causal).
 
 Incremental decoding::
 
-    >>> cache = model.init_decode_cache(batch_size=B, max_len=64)
+    >>> cache = model.init_decode_cache(batch_size=B, cache_len=64)
     >>> logits, cache = model.prefill(prompt, prefix_lengths, cache)   # [B, vocab] at len-1
     >>> logits, cache = model.decode_step(next_tokens, prefix_lengths, cache)  # per-row step
     >>> # in a decoding loop: layers = model.decoder.layer_modules() once, outside the loop,
@@ -27,13 +27,13 @@ from flax import nnx
 from t5lite.config import ModelConfig
 from t5lite.errors import UserError
 from t5lite.models.blocks import Context, Stack
-from t5lite.models.encoder_decoder import (OutputHead, aux_from_stats, empty_cache,
+from t5lite.models.encoder_decoder import (ModelBase, aux_from_stats, empty_cache,
                                           step_through)
 from t5lite.models.layers import dropout, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, prefix_lm_mask, segment_mask
 
 
-class DecoderOnly(OutputHead):
+class DecoderOnly(ModelBase):
     """Decoder-only transformer (self-attention + FFN layers), same switches as the encoder-
     decoder (positions, GQA, GLU, MoE, scan, remat)."""
 
@@ -41,7 +41,7 @@ class DecoderOnly(OutputHead):
         if cfg.architecture != "decoder_only":
             raise UserError(f"DecoderOnly needs architecture='decoder_only', got "
                             f"{cfg.architecture!r}; use EncoderDecoder (or build_model).")
-        self._init_head(cfg, rngs)
+        self._init_shared(cfg, rngs)
         self.decoder = Stack(cfg, "lm", rngs=rngs)
 
     def __call__(self, decoder_input_tokens: jax.Array, *,
@@ -65,12 +65,13 @@ class DecoderOnly(OutputHead):
         x = dropout(x, self.config.dropout_rate, k_out)
         return self.logits(x), aux_from_stats(self.config, stats)
 
-    def init_decode_cache(self, batch_size: int, max_len: int, beams: int = 1) -> dict:
-        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`):
-        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * max_len, head_dim],
-        "owner": int32 [B * beams, max_len]}. `prefill` takes the B prompts; with beams > 1
+    def init_decode_cache(self, batch_size: int, cache_len: int, beams: int = 1) -> dict:
+        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`) of
+        `cache_len` positions (prompt + tokens to generate):
+        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * cache_len, head_dim],
+        "owner": int32 [B * beams, cache_len]}. `prefill` takes the B prompts; with beams > 1
         their K/V are stored once and read by every beam."""
-        return empty_cache(self.config, batch_size, max_len, beams)
+        return empty_cache(self.config, batch_size, cache_len, beams)
 
     def prefill(self, tokens: jax.Array, prefix_lengths: jax.Array, cache: dict):
         """Run the prompt tokens [B, P] (positions < prefix_lengths are the bidirectional

@@ -44,7 +44,6 @@ over may stay per batch element when the step function maps rows to it: t5lite's
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import jax
@@ -367,7 +366,7 @@ def beam_search(step_fn: StepFn, cache: PyTree, batch_size: int, config: DecodeC
 
 
 # ---------------------------------------------------------------------------------- dispatch
-def decode(step_fn: StepFn, cache: PyTree, batch_size: int, config: DecodeConfig,
+def run_decoding(step_fn: StepFn, cache: PyTree, batch_size: int, config: DecodeConfig,
            rng: jax.Array | None = None, initial_logits: jax.Array | None = None,
            batch_axes: BatchAxes = 0) -> DecodeOutput:
     """Run the loop `config.method` names (see the module docstring for the conventions)."""
@@ -387,6 +386,3 @@ def trim_at_eos(ids: Any, eos_id: int = EOS_ID) -> list[int]:
             break
         out.append(t)
     return out
-
-
-DecodeFn = Callable[..., DecodeOutput]

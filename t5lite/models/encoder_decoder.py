@@ -13,7 +13,7 @@ Example::
     >>> encoded = model.encode(enc_tokens)
     >>> layers = model.decoder.layer_modules()          # once per request, outside the loop
     >>> cross = model.precompute_cross_attention(encoded, enc_tokens, layers)
-    >>> cache = model.init_decode_cache(batch_size=B, max_decode_len=T)
+    >>> cache = model.init_decode_cache(batch_size=B, cache_len=T)
     >>> step_logits, cache = model.decode_step(dec_tokens[:, 0], 0, cache, cross, layers)
     >>> # step_logits == logits[:, 0]
 """
@@ -48,12 +48,13 @@ def dropout_rngs_from(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Rngs | None:
     return nnx.Rngs(dropout=rngs.dropout())
 
 
-class OutputHead(nnx.Module):
-    """Shared pieces of both architectures: embedding, output projection, dropout keys."""
+class ModelBase(nnx.Module):
+    """The base class of both architectures (`EncoderDecoder`, `DecoderOnly`): the shared
+    embedding, output projection (logits) and dropout keys."""
 
     config: ModelConfig
 
-    def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    def _init_shared(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.params_dtype,
                            rngs=rngs)
@@ -89,14 +90,14 @@ class OutputHead(nnx.Module):
         return out
 
 
-class EncoderDecoder(OutputHead):
+class EncoderDecoder(ModelBase):
     """T5-style encoder-decoder (see module docstring)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.architecture != "encoder_decoder":
             raise UserError(f"EncoderDecoder needs architecture='encoder_decoder', got "
                             f"{cfg.architecture!r}; use DecoderOnly (or build_model).")
-        self._init_head(cfg, rngs)
+        self._init_shared(cfg, rngs)
         self.encoder = Stack(cfg, "encoder", rngs=rngs)
         self.decoder = Stack(cfg, "decoder", rngs=rngs)
 
@@ -122,7 +123,7 @@ class EncoderDecoder(OutputHead):
         key = self._dropout_key(deterministic, dropout_rng)
         return self._encode(encoder_input_tokens, segment_ids, positions, key)[0]
 
-    def _decode(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+    def _run_decoder(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                 decoder_segment_ids, decoder_positions, key) -> tuple[jax.Array, Stats]:
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise UserError("packed inputs need both encoder_segment_ids and "
@@ -146,14 +147,14 @@ class EncoderDecoder(OutputHead):
         x = dropout(x, self.config.dropout_rate, k_out)
         return self.logits(x), stats
 
-    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
+    def run_decoder(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, encoder_segment_ids: jax.Array | None = None,
                decoder_segment_ids: jax.Array | None = None,
                decoder_positions: jax.Array | None = None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None):
         """Teacher-forced decoder: (logits float32 [B, T, vocab], aux)."""
         key = self._dropout_key(deterministic, dropout_rng)
-        logits, stats = self._decode(encoded, encoder_input_tokens, decoder_input_tokens,
+        logits, stats = self._run_decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                                      encoder_segment_ids, decoder_segment_ids,
                                      decoder_positions, key)
         return logits, aux_from_stats(self.config, stats)
@@ -173,7 +174,7 @@ class EncoderDecoder(OutputHead):
         k_enc, k_dec = split_key(key, 2)
         encoded, enc_stats = self._encode(encoder_input_tokens, encoder_segment_ids,
                                           encoder_positions, k_enc)
-        logits, dec_stats = self._decode(encoded, encoder_input_tokens, decoder_input_tokens,
+        logits, dec_stats = self._run_decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                                          encoder_segment_ids, decoder_segment_ids,
                                          decoder_positions, k_dec)
         return logits, aux_from_stats(self.config, add_stats(enc_stats, dec_stats))
@@ -189,11 +190,12 @@ class EncoderDecoder(OutputHead):
         return {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv),
                 "mask": encoder_input_tokens != 0}
 
-    def init_decode_cache(self, batch_size: int, max_decode_len: int, beams: int = 1) -> dict:
-        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`):
-        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * max_decode_len, head_dim],
-        "owner": int32 [B * beams, max_decode_len]}."""
-        return empty_cache(self.config, batch_size, max_decode_len, beams)
+    def init_decode_cache(self, batch_size: int, cache_len: int, beams: int = 1) -> dict:
+        """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`) of
+        `cache_len` positions (the most tokens to generate):
+        {"k", "v": tuple of num_layers arrays [B, kv_heads, beams * cache_len, head_dim],
+        "owner": int32 [B * beams, cache_len]}."""
+        return empty_cache(self.config, batch_size, cache_len, beams)
 
     def decode_step(self, tokens: jax.Array, step: jax.Array | int, cache: dict, cross: dict,
                     layers: list | None = None):
@@ -211,17 +213,17 @@ class EncoderDecoder(OutputHead):
         return step_through(self, x, step, cache, cross, layers)
 
 
-def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, beams: int = 1) -> dict:
+def empty_cache(cfg: ModelConfig, batch_size: int, cache_len: int, beams: int = 1) -> dict:
     """Zeroed self-attention cache of both architectures (see `t5lite.models.cache`): for
     batch_size * beams rows; the beams of an input share one cache row (beams > 1)."""
-    shape = (batch_size, cfg.kv_heads, beams * max_len, cfg.head_dim)
+    shape = (batch_size, cfg.kv_heads, beams * cache_len, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype)  # noqa: E731
                           for _ in range(cfg.num_decoder_layers))
     return {"k": zeros(), "v": zeros(),
-            "owner": jnp.zeros((batch_size * beams, max_len), jnp.int32)}
+            "owner": jnp.zeros((batch_size * beams, cache_len), jnp.int32)}
 
 
-def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict | None,
+def step_through(model: ModelBase, x: jax.Array, step, cache: dict, cross: dict | None,
                  layers: list | None = None):
     """Run the decoder stack on one new position per row (shared by both architectures).
 
@@ -257,7 +259,7 @@ def step_through(model: OutputHead, x: jax.Array, step, cache: dict, cross: dict
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
         cross_kv = None if cross is None else (cross["k"][i], cross["v"][i])
-        x, (k, v) = layer.decode(x, ctx, (cache["k"][i], cache["v"][i]), cross_kv)
+        x, (k, v) = layer.decode_step(x, ctx, (cache["k"][i], cache["v"][i]), cross_kv)
         new_k.append(k)
         new_v.append(v)
     logits = model.logits(stack.final_norm(x))[:, 0]
