@@ -48,7 +48,8 @@ def run_case(name: str, inputs: int, targets: int, batch_size: int, batches: int
              warmup: int) -> dict:
     from t5lite.data.pipeline import DataConfig, make_batch_stream
 
-    config = DataConfig(name, {"inputs": inputs, "targets": targets}, batch_size=batch_size)
+    config = DataConfig(name, {"inputs": inputs, "targets": targets},
+                        host_batch_size=batch_size)
     start = time.perf_counter()
     stream = make_batch_stream(config)
     for _ in range(warmup):

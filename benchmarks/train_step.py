@@ -161,7 +161,7 @@ class TrainStepBench:
                  partitioning: str = "dp", mesh=None):
         from t5lite.parallel.mesh import MeshConfig, make_mesh
         from t5lite.train.setup import make_setup
-        from t5lite.train.trainer import make_apply_fn, make_train_step
+        from t5lite.train.steps import make_apply_fn, make_train_step
 
         self.model_config = model_config
         self.train_config = TrainConfig(

@@ -64,7 +64,7 @@ def _batches(config, n, **kwargs):
 
 
 def test_batches_have_exact_shapes_and_dtypes():
-    config = DataConfig("demo_span_corruption", SPAN, batch_size=4, shuffle_buffer_size=16)
+    config = DataConfig("demo_span_corruption", SPAN, host_batch_size=4, shuffle_buffer_size=16)
     (batch,), stream = _batches(config, 1)
     assert stream.batches_consumed == 1
     lengths = pipeline.model_feature_lengths(config)
@@ -75,7 +75,7 @@ def test_batches_have_exact_shapes_and_dtypes():
 
 
 def test_same_seed_same_batches_and_restart_is_bit_exact():
-    config = DataConfig("demo_ul2", {"inputs": 96, "targets": 96}, batch_size=2, seed=7,
+    config = DataConfig("demo_ul2", {"inputs": 96, "targets": 96}, host_batch_size=2, seed=7,
                         shuffle_buffer_size=64)
     first, _ = _batches(config, 5)
     resumed, stream = _batches(config, 2, start_batch=3)
@@ -89,7 +89,7 @@ def test_same_seed_same_batches_and_restart_is_bit_exact():
 
 
 def test_eval_stream_is_finite_and_pads_the_last_batch_with_zero_rows():
-    config = DataConfig("demo_span_corruption", SPAN, split="validation", batch_size=64,
+    config = DataConfig("demo_span_corruption", SPAN, split="validation", host_batch_size=64,
                         shuffle=False, num_epochs=1)
     batches = list(make_batch_stream(config))
     assert len(batches) >= 2
@@ -115,7 +115,7 @@ def _targets(config, **kwargs):
 
 def test_host_shards_are_disjoint_and_cover_the_split():
     config = DataConfig("demo_copy", {"inputs": 32, "targets": 32}, split="validation",
-                        batch_size=32, shuffle=False, pack=False, num_epochs=1)
+                        host_batch_size=32, shuffle=False, pack=False, num_epochs=1)
     everything = _targets(config)
     shards = [_targets(config, shard_index=i, num_shards=3) for i in range(3)]
     assert sum(shards, collections.Counter()) == everything
@@ -123,7 +123,7 @@ def test_host_shards_are_disjoint_and_cover_the_split():
 
 
 def test_prefix_lm_converter():
-    config = DataConfig("demo_prefix_lm", {"inputs": 64, "targets": 64}, batch_size=2,
+    config = DataConfig("demo_prefix_lm", {"inputs": 64, "targets": 64}, host_batch_size=2,
                         feature_converter="prefix_lm", shuffle_buffer_size=16)
     (batch,), _ = _batches(config, 1)
     assert batch["decoder_target_tokens"].shape == (2, 128)
@@ -176,7 +176,7 @@ def test_data_config_validation():
     with pytest.raises(ConfigError, match="lacks"):
         DataConfig("demo_ul2", {"inputs": 8})
     with pytest.raises(ConfigError, match="batch_size"):
-        DataConfig("demo_ul2", SPAN, batch_size=0)
+        DataConfig("demo_ul2", SPAN, host_batch_size=0)
     with pytest.raises(ConfigError, match="feature_converter"):
         DataConfig("demo_ul2", SPAN, feature_converter="dec")
     with pytest.raises(ConfigError, match="split 'test'"):

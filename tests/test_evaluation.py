@@ -12,7 +12,7 @@ import tensorflow as tf
 from test_infer import TEXTS, make_model_dir, make_vocab, tiny_config
 from t5lite.data.metrics import exact_match
 from t5lite.data.vocab import load_vocabulary
-from t5lite.evaluation import (fill_in_spans, has_inference_metrics, make_predict_eval_fn,
+from t5lite.inference_eval import (fill_in_spans, has_inference_metrics, make_predict_eval_fn,
                                show_predictions, target_log_likelihoods, load_examples)
 from t5lite.inference import Generator
 

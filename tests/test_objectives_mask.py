@@ -80,7 +80,7 @@ def test_noise_mask_compositions_are_uniform():
 
 
 def test_worked_vector():
-    inputs, targets = obj.span_corruption(np.arange(10, 16),
+    inputs, targets = obj.corrupt_spans(np.arange(10, 16),
                                           np.array([1, 1, 0, 0, 1, 0], bool), 1000)
     assert inputs.tolist() == [999, 12, 13, 998, 15]
     assert targets.tolist() == [10, 11, 999, 14, 998]
@@ -116,7 +116,7 @@ def test_span_corruption_invariants(length, d, mu, seed):
     tokens = np.random.default_rng(seed).integers(3, 30000, size=length)
     mask = obj.random_spans_noise_mask(length, d, mu, seed)
     noise, spans = obj.num_noise_and_spans(length, d, mu)
-    inputs, targets = obj.span_corruption(tokens, mask, vocab_size)
+    inputs, targets = obj.corrupt_spans(tokens, mask, vocab_size)
     assert len(inputs) == length - noise + spans
     assert len(targets) == noise + spans
     assert inputs[-1] == vocab_size - spans  # inputs end with the last sentinel
@@ -144,7 +144,7 @@ def test_568_raw_tokens_give_exactly_512_inputs_and_114_targets():
     tokens = np.arange(3, 3 + 568)
     for seed in range(5):
         mask = obj.random_spans_noise_mask(568, 0.15, 3.0, seed)
-        inputs, targets = obj.span_corruption(tokens, mask, 32100)
+        inputs, targets = obj.corrupt_spans(tokens, mask, 32100)
         assert (len(inputs) + 1, len(targets) + 1) == (512, 114)  # + EOS
 
 
@@ -157,7 +157,7 @@ def test_chunk_of_helper_length_fits_exactly(inputs_length, d, mu, seed):
     except ValueError:
         return
     mask = obj.random_spans_noise_mask(tokens_length, d, mu, seed)
-    inputs, targets = obj.span_corruption(np.arange(3, 3 + tokens_length), mask, 32100)
+    inputs, targets = obj.corrupt_spans(np.arange(3, 3 + tokens_length), mask, 32100)
     expected_inputs, expected_targets = obj.span_corruption_lengths(tokens_length, d, mu)
     assert len(targets) + 1 == targets_length == expected_targets
     assert len(inputs) + 1 == expected_inputs <= inputs_length

@@ -29,7 +29,7 @@ def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
                        module_imports: list[str], predict_eval_fn=None) -> dict[str, Any]:
     """Evaluate the checkpoint of `model_dir`; returns the metrics (also appended to
     metrics.jsonl). `predict_eval_fn(model, step) -> {name: value}` adds decoding metrics;
-    "auto" builds one from the task's metric_fns (t5lite.evaluation; none without them)."""
+    "auto" builds one from the task's metric_fns (t5lite.inference_eval; none without them)."""
     from t5lite import checkpoint
     from t5lite.data.pipeline import DataConfig
     from t5lite.data.registry import get_task_or_mixture, import_task_modules
@@ -38,7 +38,7 @@ def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
     from t5lite.parallel.mesh import make_mesh
     from t5lite.train.config import TrainConfig
     from t5lite.train.data_source import SeqioData
-    from t5lite.train.evaluate import Evaluator
+    from t5lite.train.teacher_forced_eval import Evaluator
     from t5lite.train.metrics import MetricsWriter
     from t5lite.train.setup import make_setup
 
@@ -71,7 +71,7 @@ def evaluate_model_dir(model_dir: str, eval_config: Any, mesh_config: Any,
                           model_config.vocab_size)
     metrics: dict[str, Any] = evaluator(params, data.eval_batches(shard), eval_config.eval_steps)
     if predict_eval_fn == "auto":  # decode the split when the task has metric_fns
-        from t5lite.evaluation import make_predict_eval_fn
+        from t5lite.inference_eval import make_predict_eval_fn
 
         predict_eval_fn = make_predict_eval_fn(
             task, lengths, split=eval_config.split, mesh=mesh, rules=eval_config.partitioning,

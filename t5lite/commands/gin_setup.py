@@ -67,7 +67,7 @@ def _library_classes() -> list[type]:
     from t5lite.data.pipeline import DataConfig
     from t5lite.parallel.mesh import MeshConfig
     from t5lite.train.config import TrainConfig
-    from t5lite.train.evaluate import EvalConfig
+    from t5lite.train.teacher_forced_eval import EvalConfig
     from t5lite.train.losses import LossConfig
     from t5lite.train.optim import OptimizerConfig
     from t5lite.train.schedules import ScheduleConfig

@@ -4,7 +4,8 @@ Example::
 
     t5lite import --format=hf --input=/path/to/t5-v1_1-small --model_dir=runs/t5_small
     t5lite infer --model_dir=runs/t5_small --input="translate English to German: Hello"
-    t5lite train --gin_file=runs/t5_small/model.gin --gin_file=gin/runs/finetune.gin ...
+    t5lite train --gin_file=runs/t5_small/model.gin --gin_file=gin/runs/pretrain.gin \
+        --gin.INIT_FROM="'runs/t5_small'" --gin.MIXTURE_OR_TASK_NAME=... --model_dir=runs/ft
 
 The directory is what `save_pretrained` writes (config.json + model.safetensors or
 pytorch_model.bin). Its `spiece.model` is copied into the model dir; transformers 5 saves

@@ -95,7 +95,7 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
                        step: int | None, batch_size: int, decode: str) -> None:
     """Decode the first `num` validation examples of the model's task and print them."""
     from t5lite.data.registry import import_task_modules
-    from t5lite.evaluation import show_predictions
+    from t5lite.inference_eval import show_predictions
     from t5lite.inference import Generator
     from t5lite.model_dir import read_run_info
 

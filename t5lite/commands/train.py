@@ -4,7 +4,7 @@
         --gin.MIXTURE_OR_TASK_NAME=demo_span_corruption --model_dir=runs/small
 
 Gin configures `ModelConfig`, `MeshConfig`, `TrainConfig` (with `OptimizerConfig`,
-`ScheduleConfig`, `LossConfig`) and `DataConfig` (its `batch_size` is replaced by this host's
+`ScheduleConfig`, `LossConfig`) and `DataConfig` (its `host_batch_size` is replaced by this host's
 share of the global `TrainConfig.batch_size`). Restarting the same command continues from the
 newest checkpoint in `--model_dir`. SIGTERM/SIGINT save a checkpoint and exit 0.
 
@@ -83,7 +83,7 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
                        task_feature_lengths=dict(cfg.data_config.task_feature_lengths),
                        extra_ids=int(getattr(vocab, "extra_ids", 0)),
                        feature_converter=cfg.data_config.feature_converter)
-    from t5lite.evaluation import make_predict_eval_fn  # decoding metrics (tasks with metric_fns)
+    from t5lite.inference_eval import make_predict_eval_fn  # decoding metrics (metric_fns)
 
     predict_eval_fn = make_predict_eval_fn(name, dict(cfg.data_config.task_feature_lengths),
                                            mesh=mesh, rules=cfg.train_config.partitioning)

@@ -2,7 +2,7 @@
 
 Everything here works on one example and is written with TensorFlow ops so that it runs inside
 `tf.data` maps, in parallel and off the accelerator. The NumPy entry points at the bottom
-(`random_spans_noise_mask`, `random_spans_helper`, `span_corruption`, `random_prefix_split`) call
+(`random_spans_noise_mask`, `random_spans_helper`, `corrupt_spans`, `random_prefix_split`) call
 the very same code eagerly; they are a contract used by other tooling and by the tests.
 
 Rounding follows T5 exactly: round-half-to-even on float32 values (`tf.round`).
@@ -216,11 +216,11 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
     return mask.numpy().astype(bool)
 
 
-def span_corruption(tokens: np.ndarray, mask: np.ndarray,
-                    vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def corrupt_spans(tokens: np.ndarray, mask: np.ndarray,
+                  vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """`(inputs, targets)` of span corruption for given tokens and noise mask (no EOS).
 
-    >>> span_corruption(np.arange(10, 16), np.array([1, 1, 0, 0, 1, 0], bool), 1000)
+    >>> corrupt_spans(np.arange(10, 16), np.array([1, 1, 0, 0, 1, 0], bool), 1000)
     (array([999,  12,  13, 998,  15], dtype=int32), array([ 10,  11, 999,  14, 998], dtype=int32))
     """
     t = tf.constant(np.asarray(tokens, np.int32))

@@ -2,7 +2,7 @@
 
 Example::
 
-    config = DataConfig("demo_span_corruption", {"inputs": 512, "targets": 114}, batch_size=8)
+    config = DataConfig("demo_span_corruption", {"inputs": 512, "targets": 114}, host_batch_size=8)
     stream = make_batch_stream(config, shard_index=jax.process_index(),
                                num_shards=jax.process_count())
     batch = next(stream)       # {"encoder_input_tokens": int32[8, 512], ...}
@@ -37,14 +37,16 @@ _BUILD_LOCK = threading.Lock()
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What to read. `batch_size` is per host. `num_epochs=None` repeats forever (training);
-    evaluation uses split="validation", shuffle=False, num_epochs=1 and gets a finite stream
-    whose last batch is padded with all-zero rows (zero loss weight)."""
+    """What to read. `host_batch_size` is the rows of this host's batches (the global batch
+    size, `TrainConfig.batch_size` / `EvalConfig.batch_size`, divided among the hosts).
+    `num_epochs=None` repeats forever (training); evaluation uses split="validation",
+    shuffle=False, num_epochs=1 and gets a finite stream whose last batch is padded with
+    all-zero rows (zero loss weight)."""
 
     mixture_or_task_name: str
     task_feature_lengths: Mapping[str, int]
     split: str = "train"
-    batch_size: int = 8
+    host_batch_size: int = 8
     shuffle: bool = True
     seed: int | None = 0
     pack: bool = True
@@ -67,8 +69,9 @@ class DataConfig:
                               f"got {lengths}")
         object.__setattr__(self, "task_feature_lengths",
                            {k: int(v) for k, v in lengths.items()})
-        if self.batch_size <= 0:
-            raise ConfigError(f"DataConfig.batch_size must be positive, got {self.batch_size}")
+        if self.host_batch_size <= 0:
+            raise ConfigError("DataConfig.host_batch_size must be positive, got "
+                              f"{self.host_batch_size}")
         if self.feature_converter not in FEATURE_CONVERTERS:
             raise ConfigError(f"DataConfig.feature_converter must be one of {FEATURE_CONVERTERS}, "
                               f"got {self.feature_converter!r}")
@@ -155,10 +158,10 @@ def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int =
     converter = make_feature_converter(config.feature_converter, config.pack)
     ds = converter(ds, config.task_feature_lengths)
     if config.finite:
-        ds = ds.batch(config.batch_size, drop_remainder=False)
-        ds = ds.map(_pad_rows(config.batch_size), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(config.host_batch_size, drop_remainder=False)
+        ds = ds.map(_pad_rows(config.host_batch_size), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.batch(config.batch_size, drop_remainder=True)
+        ds = ds.batch(config.host_batch_size, drop_remainder=True)
     ds = ds.map(lambda b: {k: tf.cast(v, tf.int32) for k, v in b.items()},
                 num_parallel_calls=tf.data.AUTOTUNE)
     if start_batch:

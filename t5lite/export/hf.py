@@ -108,8 +108,8 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
 def model_gin_text(cfg: ModelConfig, source: str) -> str:
     """A gin file binding every ModelConfig field (what `t5lite train --gin_file` reads)."""
     lines = [f"# t5lite model config imported from {source}",
-             "# Use with: t5lite train --gin_file=<this file> --gin_file=gin/runs/finetune.gin "
-             "... (init_from = this model dir)", ""]
+             "# Use with: t5lite train --gin_file=<this file> --gin_file=gin/runs/pretrain.gin "
+             "--gin.INIT_FROM='<this model dir>' ...", ""]
     for name, value in config_to_dict(cfg).items():
         text = json.dumps(value) if isinstance(value, str) else repr(value)
         lines.append(f"ModelConfig.{name} = {text}")

@@ -1,9 +1,10 @@
 """Basic building blocks: parameters with logical axes, RMSNorm, embeddings, dropout.
 
 Every parameter is an `nnx.Param` whose metadata `out_sharding` holds its *logical* axis names
-(see architecture.md). `eager_sharding=False` keeps flax from interpreting those names as mesh
-axes at creation: the trainer maps them to mesh axes with `t5lite.parallel.rules` and initialises
-the model under `jax.jit(out_shardings=...)`.
+(the names are listed in `t5lite.parallel.rules`). `eager_sharding=False` keeps flax from
+interpreting those names as mesh axes at creation: `t5lite.train.setup` and `t5lite.inference`
+map them to mesh axes with `t5lite.parallel.rules` and initialise / restore the model under
+`jax.jit(out_shardings=...)`.
 """
 
 from __future__ import annotations

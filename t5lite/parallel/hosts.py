@@ -155,7 +155,7 @@ def _with_rank(sharding: Sharding, ndim: int) -> Sharding:
     return NamedSharding(sharding.mesh, PartitionSpec(*(parts + (None,) * (ndim - len(parts)))))
 
 
-def all_hosts_agree(flag: bool) -> bool:
+def any_host(flag: bool) -> bool:
     """True on every host when `flag` is True on any host (a cheap cross-host OR)."""
     if jax.process_count() == 1:
         return bool(flag)

@@ -32,8 +32,8 @@ class SeqioData:
         self.eval_seed = eval_seed
 
     def train_batches(self, shard: DataShard, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
-        cfg = dataclasses.replace(self.config, split="train", batch_size=shard.local_batch_size,
-                                  num_epochs=None)
+        cfg = dataclasses.replace(self.config, split="train",
+                                  host_batch_size=shard.local_batch_size, num_epochs=None)
         return make_batch_stream(cfg, shard_index=shard.index, num_shards=shard.count,
                                  start_batch=start_batch)
 
@@ -41,6 +41,6 @@ class SeqioData:
         if self.eval_split is None:
             return None
         cfg = dataclasses.replace(self.config, split=self.eval_split,
-                                  batch_size=shard.local_batch_size, shuffle=False,
+                                  host_batch_size=shard.local_batch_size, shuffle=False,
                                   num_epochs=1, seed=self.eval_seed)
         return make_batch_stream(cfg, shard_index=shard.index, num_shards=shard.count)

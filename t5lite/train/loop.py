@@ -36,12 +36,12 @@ from jax.sharding import Mesh
 
 from t5lite import checkpoint, model_dir as md
 from t5lite.config import ModelConfig
-from t5lite.evaluation import PredictEvalFn
+from t5lite.inference_eval import PredictEvalFn
 from t5lite.errors import UserError
-from t5lite.parallel.hosts import (DataShard, all_hosts_agree, data_shard_info, host_to_global,
+from t5lite.parallel.hosts import (DataShard, any_host, data_shard_info, host_to_global,
                                    is_primary, sync_hosts)
 from t5lite.train.config import TrainConfig
-from t5lite.train.evaluate import Evaluator
+from t5lite.train.teacher_forced_eval import Evaluator
 from t5lite.train.flops import device_peak_flops, train_flops_per_step
 from t5lite.train.metrics import MetricsWriter, ProgressBar, format_duration
 from t5lite.train.setup import TrainSetup, load_start, make_setup, plan_start
@@ -246,7 +246,7 @@ def _run(setup: TrainSetup, state, data_position: int, plan, data: DataSource, m
 
     with _StopFlag() as stop:
         while step < tc.train_steps:
-            if all_hosts_agree(stop.signal is not None):
+            if any_host(stop.signal is not None):
                 save()
                 ckpt.wait()
                 bar.message(f"t5lite train: stop signal received; saved step {step} in "

@@ -38,7 +38,7 @@ from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sh
 from t5lite.train.config import TrainConfig
 from t5lite.train.optim import make_optimizer
 from t5lite.train.state import TrainState, abstract_with_shardings, train_state_shardings
-from t5lite.train.trainer import (make_apply_fn, make_eval_step, make_train_step,
+from t5lite.train.steps import (make_apply_fn, make_eval_step, make_train_step,
                                   new_train_state)
 
 

@@ -8,7 +8,7 @@ Importing this package registers:
 * over TFDS `c4/en:3.1.0`: `c4_span_corruption`, `c4_ul2` (vocabulary: T5's public 32k model,
   or the file named by the environment variable T5LITE_C4_VOCABULARY).
 
-The core library never imports this package; commands import it by default (`--module`).
+The core library never imports this package; commands import it by default (`--module_import`).
 """
 
 from t5lite_tasks import c4, demo  # noqa: F401  (registration side effects)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Sharding
 
 from t5lite.errors import ConfigError
-from t5lite.parallel.hosts import all_hosts_agree, host_to_global
+from t5lite.parallel.hosts import any_host, host_to_global
 from t5lite.parallel.rules import RECIPES
 
 HostBatch = dict[str, np.ndarray]
@@ -97,7 +97,7 @@ class Evaluator:
         steps = 0
         while max_steps is None or steps < max_steps:
             batch = next(it, None)
-            if not all_hosts_agree(batch is not None):
+            if not any_host(batch is not None):
                 break
             if batch is None:  # this host ran out while others have data: feed padding
                 if template is None:

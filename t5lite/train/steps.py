@@ -1,6 +1,6 @@
 """Pure step functions: init, train step (with gradient accumulation) and eval step.
 
-These functions know nothing about meshes, files or loops; `t5lite.train.loop` jits them with
+These functions know nothing about meshes, files or loops; `t5lite.train.setup` jits them with
 explicit shardings. The model enters as an `ApplyFn`: `(params, batch, dropout_key) -> (logits,
 aux)` where `params` is the pure dict of the model's parameters and `dropout_key` is None for
 deterministic evaluation.
