@@ -226,3 +226,22 @@ def config_from_dict(values: dict) -> ModelConfig:
         raise ConfigError(f"ModelConfig: unknown field(s) {unknown}; known fields are "
                           f"{sorted(known)}.")
     return ModelConfig(**values)
+
+
+# The one feature converter each model architecture (`ModelConfig.architecture`) reads.
+FEATURE_CONVERTER_OF = {"encoder_decoder": "enc_dec", "decoder_only": "prefix_lm"}
+
+
+def check_feature_converter(architecture: str, feature_converter: str) -> None:
+    """Raise ConfigError unless `feature_converter` makes the batches `architecture` reads.
+
+    >>> check_feature_converter("decoder_only", "enc_dec")
+    Traceback (most recent call last):
+    t5lite.errors.ConfigError: ModelConfig.architecture='decoder_only' reads 'prefix_lm' ...
+    """
+    wanted = FEATURE_CONVERTER_OF.get(architecture)
+    if wanted is not None and feature_converter != wanted:
+        raise ConfigError(
+            f"ModelConfig.architecture={architecture!r} reads {wanted!r} batches but "
+            f"DataConfig.feature_converter={feature_converter!r}; set "
+            f"DataConfig.feature_converter={wanted!r} (gin: FEATURE_CONVERTER = \"{wanted}\").")

@@ -73,3 +73,14 @@ def test_info_command_prints_model_info(preset, repo_root, capsys):
     share = float(re.search(r"encoder share of non-embedding parameters: ([\d.]+)%", out)[1])
     if preset.startswith(("modern", "moe")):  # the seed's 2/3 encoder rule
         assert 62.0 <= share <= 70.0
+
+
+def test_feature_converter_must_match_the_architecture():
+    from t5lite.config import check_feature_converter
+
+    check_feature_converter("encoder_decoder", "enc_dec")
+    check_feature_converter("decoder_only", "prefix_lm")
+    with pytest.raises(ConfigError, match="set DataConfig.feature_converter='enc_dec'"):
+        check_feature_converter("encoder_decoder", "prefix_lm")
+    with pytest.raises(ConfigError, match="set DataConfig.feature_converter='prefix_lm'"):
+        check_feature_converter("decoder_only", "enc_dec")

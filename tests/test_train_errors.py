@@ -85,3 +85,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         train(mc, tc, make_mesh(MeshConfig(data=8)), SyntheticData(8, eval_batches=0),
               model_dir, console=False)
     assert checkpoint.latest_step(model_dir) == 1
+
+
+def test_architecture_and_feature_converter_mismatch_is_one_config_error(tmp_path):
+    """A decoder-only model fed encoder-decoder batches is refused before anything is built
+    or written (it used to fail deep inside tracing)."""
+    from t5lite.errors import ConfigError
+    from t5lite.model_dir import RunInfo
+
+    model_dir = str(tmp_path / "mismatch")
+    tc = TrainConfig(train_steps=2, batch_size=8, eval_period=None)
+    mc = tiny_model_config(architecture="decoder_only", num_encoder_layers=0)
+    data = SyntheticData(8, eval_batches=0)
+    data.feature_converter = "enc_dec"
+    with pytest.raises(ConfigError, match=r"architecture='decoder_only' reads 'prefix_lm'.*"
+                                          r"feature_converter='enc_dec'"):
+        train(mc, tc, make_mesh(MeshConfig(data=8)), data, model_dir, console=False)
+    assert not os.path.exists(model_dir)
+    # the run_info a model dir would record is checked the same way
+    with pytest.raises(ConfigError, match="FEATURE_CONVERTER"):
+        train(mc, tc, make_mesh(MeshConfig(data=8)), SyntheticData(8, eval_batches=0),
+              model_dir, console=False,
+              run_info=RunInfo(task="t", vocabulary="v", task_feature_lengths={},
+                               feature_converter="enc_dec"))
+    assert not os.path.exists(model_dir)

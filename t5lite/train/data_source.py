@@ -28,6 +28,7 @@ class SeqioData:
     def __init__(self, config: DataConfig, eval_split: str | None = "validation",
                  eval_seed: int | None = 0):
         self.config = config
+        self.feature_converter = config.feature_converter  # checked against the model by train
         self.eval_split = eval_split
         self.eval_seed = eval_seed
 

@@ -26,25 +26,24 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from t5lite import checkpoint, model_dir as md
-from t5lite.config import ModelConfig
-from t5lite.inference_eval import PredictEvalFn
+from t5lite.config import ModelConfig, check_feature_converter
 from t5lite.errors import UserError
+from t5lite.inference_eval import PredictEvalFn
 from t5lite.parallel.hosts import (DataShard, any_host, data_shard_info, host_to_global,
                                    is_primary, sync_hosts)
 from t5lite.train.config import TrainConfig
-from t5lite.train.teacher_forced_eval import Evaluator
 from t5lite.train.flops import device_peak_flops, train_flops_per_step
 from t5lite.train.metrics import MetricsWriter, ProgressBar, format_duration
-from t5lite.train.setup import TrainSetup, load_start, make_setup, plan_start
+from t5lite.train.setup import StartPlan, TrainSetup, load_start, make_setup, plan_start
+from t5lite.train.teacher_forced_eval import Evaluator
 
 log = logging.getLogger("t5lite.train")
 
@@ -59,6 +58,9 @@ class DataSource(Protocol):
 
     def eval_batches(self, shard: DataShard) -> Iterable[HostBatch] | None:
         """A fresh finite pass over this host's validation batches (None: no eval data)."""
+
+    # Optional: `feature_converter` ("enc_dec" / "prefix_lm"), the batch layout the source
+    # makes; when present, `train` checks it against the model's architecture first.
 
 
 class NonFiniteLossError(UserError):
@@ -121,7 +123,8 @@ def write_model_dir_files(model_dir: str, setup: TrainSetup, run_info: md.RunInf
 
 
 def _tokens_per_batch(batch: HostBatch, global_rows: int) -> tuple[int, int, int]:
-    """(positions per global batch, input length, target length)."""
+    """(positions per global batch, input length, target length); decoder-only batches have no
+    encoder inputs, so their input length is 0."""
     target_len = batch["decoder_target_tokens"].shape[1]
     input_len = batch["encoder_input_tokens"].shape[1] if "encoder_input_tokens" in batch else 0
     return global_rows * (input_len + target_len), input_len, target_len
@@ -142,6 +145,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
     t_start = time.time()
     primary = is_primary()
     tc = train_config
+    for converter in (getattr(data, "feature_converter", None),
+                      run_info.feature_converter if run_info is not None else None):
+        if converter is not None:  # before anything is built or written
+            check_feature_converter(model_config.architecture, converter)
     setup = make_setup(model_config, tc, mesh)
     # Every host must take the same decision from the same file-system state: the barriers keep
     # the primary host from creating model_dir/checkpoints while another host is still looking.
@@ -159,152 +166,203 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
         bar.message(f"t5lite train: {plan.reason}")
         log.info("start: %s", plan.reason)
         state, data_position = load_start(setup, plan, ckpt)
-        return _run(setup, state, data_position, plan, data, model_dir, ckpt, writer, bar,
-                    predict_eval_fn, t_start)
+        run = _Run(setup, state, data_position, plan, data, ckpt, writer, bar, predict_eval_fn)
+        return run.run(t_start)
     finally:
         ckpt.close()
         writer.close()
         bar.close()
 
 
-def _run(setup: TrainSetup, state, data_position: int, plan, data: DataSource, model_dir: str,
-         ckpt: checkpoint.TrainCheckpointer, writer: MetricsWriter, bar: ProgressBar,
-         predict_eval_fn: PredictEvalFn | None, t_start: float) -> TrainResult:
-    tc = setup.train_config
-    shard = data_shard_info(setup.batch_sharding, tc.batch_size)
-    step = int(jax.device_get(state.step))
-    bar.start = step
-    last_saved = step if plan.source == "checkpoint" else None
-    evaluator = Evaluator(setup.eval_step, setup.batch_sharding, tc.batch_size,
-                          setup.model_config.vocab_size)
-    eval_cache: list[HostBatch] | None = None
-    peak = device_peak_flops()
-    flops_per_step: float | None = None
-    tokens_per_step = 0
-    window: list[dict] = []
-    window_steps: list[int] = []
-    train_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    last_loss: float | None = None
-    t_window = time.time()
-    timed_steps = 0
-    paused = 0.0  # seconds of eval / checkpointing inside the current timing window
-    start_step = step
-    train_iter = data.train_batches(shard, data_position) if step < tc.train_steps else None
+class _Throughput:
+    """Tokens/s, steps/s and MFU over the steps since the last `report`, leaving out the first
+    step's compilation and any time spent in evaluation or checkpointing (`pause`)."""
 
-    def check_window() -> None:
-        """Fetch pending step metrics; stop on a non-finite loss."""
-        nonlocal window, window_steps, train_metrics, last_loss
-        if not window:
+    def __init__(self, setup: TrainSetup, first_step: int):
+        self.setup = setup
+        self.first_step = first_step
+        self.peak = device_peak_flops()
+        self.flops_per_step: float | None = None  # known once the first batch is seen
+        self.tokens_per_step = 0
+        self.t_window = time.time()
+        self.timed_steps = 0
+        self.paused = 0.0  # seconds of eval / checkpointing inside the current window
+
+    def batch_shape(self, host_batch: HostBatch) -> None:
+        """Learn the step's token count and FLOPs from the first batch."""
+        if self.flops_per_step is not None:
             return
-        fetched = jax.device_get(window)
-        for s, m in zip(window_steps, fetched):
+        tc = self.setup.train_config
+        self.tokens_per_step, in_len, tg_len = _tokens_per_batch(host_batch, tc.batch_size)
+        self.flops_per_step = train_flops_per_step(self.setup.model_config, tc.batch_size,
+                                                   in_len, tg_len)
+
+    def stepped(self, step: int, metrics: Any) -> None:
+        if self.timed_steps == 0 and step == self.first_step + 1:
+            jax.block_until_ready(metrics)  # leave compilation out of the rates
+            self.t_window = time.time()
+        else:
+            self.timed_steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def report(self) -> dict[str, float]:
+        """The rates of the window now ending (empty before any timed step); starts a new one."""
+        elapsed = time.time() - self.t_window - self.paused
+        out: dict[str, float] = {}
+        if self.timed_steps and elapsed > 0:
+            out["tokens_per_sec"] = self.tokens_per_step * self.timed_steps / elapsed
+            out["steps_per_sec"] = self.timed_steps / elapsed
+            if self.peak is not None:
+                out["mfu"] = (self.flops_per_step * self.timed_steps / elapsed
+                              / (self.peak * self.setup.mesh.size))
+        self.t_window, self.timed_steps, self.paused = time.time(), 0, 0.0
+        return out
+
+
+class _Run:
+    """One run from its first state to its last step. `run` reads top to bottom: per step, train
+    (`_train_step`), then as due `_log`, `_evaluate`, `_save`; at the end a final eval and save.
+    Step metrics stay on the device until `_fetch_metrics` (at log / eval / save time), which
+    also stops the run on a non-finite loss."""
+
+    def __init__(self, setup: TrainSetup, state: Any, data_position: int, plan: StartPlan,
+                 data: DataSource, ckpt: checkpoint.TrainCheckpointer, writer: MetricsWriter,
+                 bar: ProgressBar, predict_eval_fn: PredictEvalFn | None):
+        self.setup, self.tc = setup, setup.train_config
+        self.state, self.data_position, self.plan = state, data_position, plan
+        self.data, self.ckpt, self.writer, self.bar = data, ckpt, writer, bar
+        self.predict_eval_fn = predict_eval_fn
+        self.shard = data_shard_info(setup.batch_sharding, self.tc.batch_size)
+        self.step = self.start_step = int(jax.device_get(state.step))
+        bar.start = self.step
+        self.last_saved = self.step if plan.source == "checkpoint" else None
+        self.evaluator = Evaluator(setup.eval_step, setup.batch_sharding, self.tc.batch_size,
+                                   setup.model_config.vocab_size)
+        self.eval_cache: list[HostBatch] | None = None
+        self.throughput = _Throughput(setup, self.step)
+        self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not fetched yet
+        self.train_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.train_iter = (data.train_batches(self.shard, data_position)
+                           if self.step < self.tc.train_steps else None)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, t_start: float) -> TrainResult:
+        tc = self.tc
+        with _StopFlag() as stop:
+            while self.step < tc.train_steps:
+                if any_host(stop.signal is not None):
+                    return self._stop_on_signal(t_start)
+                self._train_step()
+                if self.step % tc.log_period == 0 or self.step == tc.train_steps:
+                    self._log()
+                self.bar.update(self.step, self.last_loss,
+                                self.train_metrics.get("tokens_per_sec"))
+                if tc.eval_period and self.step % tc.eval_period == 0 and \
+                        self.step < tc.train_steps:
+                    self._fetch_metrics()
+                    self._evaluate()
+                if self.step % tc.checkpoint_period == 0:
+                    t0 = time.time()
+                    self._save()
+                    self.throughput.pause(time.time() - t0)
+            if self.step > self.start_step:
+                self._fetch_metrics()
+                self._evaluate()
+                self._save()
+            self.ckpt.wait()
+        wall = time.time() - t_start
+        self.bar.message(f"t5lite train: done at step {self.step} in {format_duration(wall)}; "
+                         f"checkpoints in {self.ckpt.directory}")
+        return TrainResult(self.step, False, self.train_metrics, self.eval_metrics, wall,
+                           self.plan.reason)
+
+    # ------------------------------------------------------------------ the parts
+    def _train_step(self) -> None:
+        host_batch = next(self.train_iter, None)
+        if host_batch is None:
+            raise UserError(f"the training data ran out at step {self.step} (batch "
+                            f"{self.data_position}); use an infinite stream (num_epochs=None).")
+        self.throughput.batch_shape(host_batch)
+        batch = host_to_global(host_batch, self.setup.batch_sharding, self.tc.batch_size)
+        self.state, metrics = self.setup.train_step(self.state, batch)
+        self.step += 1
+        self.data_position += 1
+        self.pending.append((self.step, metrics))
+        self.throughput.stepped(self.step, metrics)
+
+    def _fetch_metrics(self) -> None:
+        """Fetch pending step metrics (averaged into `train_metrics`); stop on a non-finite
+        loss without saving the bad state."""
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), m in zip(self.pending, fetched):
             if not bool(m["finite"]):
-                ckpt.wait()
-                good = ckpt.latest_step()
-                where = (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                self.ckpt.wait()
+                good = self.ckpt.latest_step()
+                where = (f"the last good checkpoint is step {good} in {self.ckpt.directory}"
                          if good is not None else "no checkpoint was written")
                 raise NonFiniteLossError(
                     f"loss became {float(m['loss'])} at step {s} (grad norm "
                     f"{float(m['grad_norm'])}); stopped without saving the bad state; {where}. "
                     "Lower the learning rate, enable grad_clip_norm, or check the data.")
-        train_metrics = _mean_metrics(fetched)
-        last_loss = train_metrics["loss"]
-        window, window_steps = [], []
+        self.train_metrics = _mean_metrics(fetched)
+        self.last_loss = self.train_metrics["loss"]
+        self.pending = []
 
-    def save() -> None:
-        nonlocal last_saved
-        check_window()
-        if last_saved != step:
-            ckpt.save(state, data_position)
-            last_saved = step
+    def _log(self) -> None:
+        self._fetch_metrics()
+        record = dict(self.train_metrics)
+        record.update(self.throughput.report())
+        self.writer.write(self.step, "train", record)
+        self.train_metrics = record
 
-    def run_eval() -> None:
-        nonlocal eval_cache, eval_metrics, paused
-        if eval_cache is not None:
-            batches: Iterable[HostBatch] | None = eval_cache
-        else:
-            batches = data.eval_batches(shard)
-            if batches is None:
-                return
-            if tc.cache_eval_batches and tc.eval_steps is not None:
-                batches = list(_take(batches, tc.eval_steps))
-                eval_cache = batches
+    def _eval_batches(self) -> Iterable[HostBatch] | None:
+        """The validation batches: read once and kept when `cache_eval_batches` (and
+        `eval_steps`) allow, else a fresh pass each time; None without eval data."""
+        if self.eval_cache is not None:
+            return self.eval_cache
+        batches = self.data.eval_batches(self.shard)
+        if batches is not None and self.tc.cache_eval_batches and self.tc.eval_steps is not None:
+            self.eval_cache = list(_take(batches, self.tc.eval_steps))
+            return self.eval_cache
+        return batches
+
+    def _evaluate(self) -> None:
+        batches = self._eval_batches()
+        if batches is None:
+            return
         t0 = time.time()
-        metrics = evaluator(state.params, batches, tc.eval_steps)
-        if predict_eval_fn is not None:
-            metrics.update(predict_eval_fn(setup.model(state.params), step))
+        metrics = self.evaluator(self.state.params, batches, self.tc.eval_steps)
+        if self.predict_eval_fn is not None:
+            metrics.update(self.predict_eval_fn(self.setup.model(self.state.params), self.step))
         metrics["eval_seconds"] = time.time() - t0
-        paused += metrics["eval_seconds"]
-        eval_metrics = metrics
-        writer.write(step, "eval", metrics)
-        writer.flush()
+        self.throughput.pause(metrics["eval_seconds"])
+        self.eval_metrics = metrics
+        self.writer.write(self.step, "eval", metrics)
+        self.writer.flush()
         ent = metrics.get("unigram_entropy")
-        bar.message(f"eval step {step}: loss {metrics['loss']:.4f} accuracy "
-                    f"{metrics['accuracy']:.4f}"
-                    + (f" (unigram entropy of the targets {ent:.4f})" if ent else ""))
+        self.bar.message(f"eval step {self.step}: loss {metrics['loss']:.4f} accuracy "
+                         f"{metrics['accuracy']:.4f}"
+                         + (f" (unigram entropy of the targets {ent:.4f})" if ent else ""))
 
-    with _StopFlag() as stop:
-        while step < tc.train_steps:
-            if any_host(stop.signal is not None):
-                save()
-                ckpt.wait()
-                bar.message(f"t5lite train: stop signal received; saved step {step} in "
-                            f"{ckpt.directory}; the next start continues from there.")
-                return TrainResult(step, True, train_metrics, eval_metrics,
-                                   time.time() - t_start, plan.reason)
-            host_batch = next(train_iter, None)
-            if host_batch is None:
-                raise UserError(f"the training data ran out at step {step} (batch "
-                                f"{data_position}); use an infinite stream (num_epochs=None).")
-            if flops_per_step is None:
-                tokens_per_step, in_len, tg_len = _tokens_per_batch(
-                    host_batch, tc.batch_size)
-                if setup.model_config.architecture == "decoder_only":
-                    in_len, tg_len = 0, tg_len
-                flops_per_step = train_flops_per_step(setup.model_config, tc.batch_size,
-                                                      in_len, tg_len)
-            batch = host_to_global(host_batch, setup.batch_sharding, tc.batch_size)
-            state, metrics = setup.train_step(state, batch)
-            step += 1
-            data_position += 1
-            window.append(metrics)
-            window_steps.append(step)
-            if timed_steps == 0 and step == bar.start + 1:
-                jax.block_until_ready(metrics)  # leave compilation out of the rates
-                t_window = time.time()
-            else:
-                timed_steps += 1
-            if step % tc.log_period == 0 or step == tc.train_steps:
-                check_window()
-                elapsed = time.time() - t_window - paused
-                record = dict(train_metrics)
-                if timed_steps and elapsed > 0:
-                    record["tokens_per_sec"] = tokens_per_step * timed_steps / elapsed
-                    record["steps_per_sec"] = timed_steps / elapsed
-                    if peak is not None:
-                        record["mfu"] = (flops_per_step * timed_steps / elapsed
-                                         / (peak * setup.mesh.size))
-                writer.write(step, "train", record)
-                train_metrics = record
-                t_window, timed_steps, paused = time.time(), 0, 0.0
-            bar.update(step, last_loss, train_metrics.get("tokens_per_sec"))
-            if tc.eval_period and step % tc.eval_period == 0 and step < tc.train_steps:
-                check_window()
-                run_eval()
-            if step % tc.checkpoint_period == 0:
-                t0 = time.time()
-                save()
-                paused += time.time() - t0
-        if step > start_step:
-            check_window()
-            run_eval()
-            save()
-        ckpt.wait()
-    wall = time.time() - t_start
-    bar.message(f"t5lite train: done at step {step} in {format_duration(wall)}; checkpoints "
-                f"in {ckpt.directory}")
-    return TrainResult(step, False, train_metrics, eval_metrics, wall, plan.reason)
+    def _save(self) -> None:
+        self._fetch_metrics()
+        if self.last_saved != self.step:
+            self.ckpt.save(self.state, self.data_position)
+            self.last_saved = self.step
+
+    def _stop_on_signal(self, t_start: float) -> TrainResult:
+        self._save()
+        self.ckpt.wait()
+        self.bar.message(f"t5lite train: stop signal received; saved step {self.step} in "
+                         f"{self.ckpt.directory}; the next start continues from there.")
+        return TrainResult(self.step, True, self.train_metrics, self.eval_metrics,
+                           time.time() - t_start, self.plan.reason)
 
 
 def _take(batches: Iterable[HostBatch], limit: int | None) -> Iterator[HostBatch]:

@@ -1,5 +1,6 @@
 """Everything a run needs before its first step: the abstract model, shardings, optimiser, the
-jitted step functions, and where the train state comes from.
+jitted step functions, and where the train state comes from. Evaluation alone
+(`make_eval_setup`) gets the model, parameter shardings and eval step without an optimiser.
 
 The state is born sharded: shapes come from `jax.eval_shape` (no memory), shardings from the
 logical axes, and the state is created by a jit whose `out_shardings` are those shardings, so no
@@ -34,34 +35,36 @@ from t5lite.config import ModelConfig
 from t5lite.errors import ConfigError
 from t5lite.models import build_model, param_logical_axes
 from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sharding,
-                                   partitioned)
+                                   partitioned, tree_shardings)
 from t5lite.train.config import TrainConfig
 from t5lite.train.optim import make_optimizer
 from t5lite.train.state import TrainState, abstract_with_shardings, train_state_shardings
-from t5lite.train.steps import (make_apply_fn, make_eval_step, make_train_step,
-                                  new_train_state)
+from t5lite.train.steps import make_apply_fn, make_eval_step, make_train_step, new_train_state
 
 
-@dataclasses.dataclass
-class TrainSetup:
-    """The compiled pieces of a run on one mesh."""
+@dataclasses.dataclass(kw_only=True)
+class EvalSetup:
+    """What evaluation needs on one mesh (no optimiser): sharded parameters' targets, the
+    batch sharding and the jitted teacher-forced eval step.
+
+    Example::
+
+        >>> setup = make_eval_setup(model_config, mesh, partitioning="dp", batch_size=32)
+        >>> params = checkpoint.restore_params(model_dir, setup.abstract_params,
+        ...                                    setup.param_shardings, step)
+        >>> Evaluator(setup.eval_step, setup.batch_sharding, 32)(params, batches)
+    """
 
     model_config: ModelConfig
-    train_config: TrainConfig
     mesh: Mesh
     rules: Rules
     graphdef: nnx.GraphDef
     rest: nnx.State  # non-parameter model state (RNG streams), replicated
     param_axes: Any  # pure dict of logical-axis tuples
-    abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
-    state_shardings: TrainState
-    tx: optax.GradientTransformation
-    schedule: Callable[[Any], Any]
+    abstract_params: Any  # ShapeDtypeStructs carrying the target shardings
+    param_shardings: Any
     batch_sharding: NamedSharding  # for [batch] (and, extended, [batch, length]) arrays
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[Any, dict], dict]
-    fresh_state: Callable[[], TrainState]
-    state_from_params: Callable[[Any, Any], TrainState]
 
     def model(self, params: Any) -> nnx.Module:
         """The NNX model with these parameters (for evaluation hooks such as decoding)."""
@@ -70,6 +73,21 @@ class TrainSetup:
     def traced(self):
         """Context for tracing/compiling: the mesh and the logical-axis rules."""
         return partitioned(self.mesh, self.rules)
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainSetup(EvalSetup):
+    """The compiled pieces of a training run on one mesh: the evaluation pieces plus the
+    optimiser, the train state's shardings and the jitted train step."""
+
+    train_config: TrainConfig
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
+    state_shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: Callable[[Any], Any]
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    fresh_state: Callable[[], TrainState]
+    state_from_params: Callable[[Any, Any], TrainState]
 
 
 def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
@@ -85,71 +103,102 @@ def batch_axes_size(mesh: Mesh, rules: Rules) -> int:
     return size
 
 
-def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh) -> TrainSetup:
-    """Abstract model, shardings, optimiser and jitted step functions (nothing allocated yet)."""
-    rules = get_rules(train_config.partitioning)
+def _check_batch_split(batch_size: int, microbatches: int, mesh: Mesh, rules: Rules,
+                       partitioning: str) -> None:
     split = batch_axes_size(mesh, rules)
-    micro = train_config.batch_size // train_config.microbatches
+    micro = batch_size // microbatches
     if micro % split != 0:
         raise ConfigError(
-            f"batch size {train_config.batch_size} (microbatches of {micro}) is not divisible "
+            f"batch size {batch_size} (microbatches of {micro}) is not divisible "
             f"by the {split} data-parallel positions of mesh {dict(mesh.shape)} under "
-            f"partitioning={train_config.partitioning!r}; choose a batch size that is a "
-            f"multiple of {split * train_config.microbatches}.")
-    seed = train_config.seed
+            f"partitioning={partitioning!r}; choose a batch size that is a "
+            f"multiple of {split * microbatches}.")
+
+
+def _run_traced(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    def wrapped(*args):
+        with partitioned(mesh, rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def _model_parts(model_config: ModelConfig, mesh: Mesh, rules: Rules, seed: int,
+                 batch_size: int) -> dict[str, Any]:
+    """The pieces evaluation and training share (the EvalSetup fields), plus `build` and the
+    abstract (unsharded) parameters."""
 
     def build() -> nnx.Module:
         return build_model(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+    def rest_only() -> nnx.State:
+        return nnx.split(build(), nnx.Param, ...)[2]
 
     abstract_model = nnx.eval_shape(build)
     graphdef, abs_params_state, _ = nnx.split(abstract_model, nnx.Param, ...)
     param_axes = axes_to_pure(param_logical_axes(abs_params_state))
     abs_params = nnx.to_pure_dict(abs_params_state)
-    tx, schedule = make_optimizer(train_config.optimizer, abs_params, param_axes,
-                                  total_steps=train_config.train_steps)
-
-    abstract_state = jax.eval_shape(lambda p: new_train_state(p, tx, seed), abs_params)
-    shardings = train_state_shardings(abstract_state, param_axes, mesh, rules)
+    param_shardings = tree_shardings(param_axes, abs_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = logical_to_sharding(("batch",), mesh, rules, (train_config.batch_size,))
-
-    def fresh() -> TrainState:
-        model = build()
-        params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
-        return new_train_state(params, tx, seed)
-
-    def rest_only() -> nnx.State:
-        return nnx.split(build(), nnx.Param, ...)[2]
-
     with partitioned(mesh, rules):
         abs_rest = jax.eval_shape(rest_only)
-        rest_shardings = jax.tree.map(lambda _: replicated, abs_rest)
-        rest = jax.jit(rest_only, out_shardings=rest_shardings)()
-        apply_fn = make_apply_fn(graphdef, rest)
-        step_fn = make_train_step(apply_fn, tx, schedule, train_config.loss,
-                                  train_config.microbatches)
+        rest = jax.jit(rest_only, out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
+        eval_step = jax.jit(make_eval_step(make_apply_fn(graphdef, rest)),
+                            in_shardings=(param_shardings, None), out_shardings=replicated)
+    return dict(model_config=model_config, mesh=mesh, rules=rules, graphdef=graphdef,
+                rest=rest, param_axes=param_axes,
+                abstract_params=abstract_with_shardings(abs_params, param_shardings),
+                param_shardings=param_shardings,
+                batch_sharding=logical_to_sharding(("batch",), mesh, rules, (batch_size,)),
+                eval_step=_run_traced(eval_step, mesh, rules), build=build,
+                unsharded_params=abs_params)
+
+
+def make_eval_setup(model_config: ModelConfig, mesh: Mesh, partitioning: str, batch_size: int,
+                    seed: int = 0) -> EvalSetup:
+    """Abstract model, parameter shardings and the jitted eval step for a global batch of
+    `batch_size` rows (nothing allocated but the model's small non-parameter state)."""
+    rules = get_rules(partitioning)
+    _check_batch_split(batch_size, 1, mesh, rules, partitioning)
+    parts = _model_parts(model_config, mesh, rules, seed, batch_size)
+    del parts["build"], parts["unsharded_params"]
+    return EvalSetup(**parts)
+
+
+def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh) -> TrainSetup:
+    """Abstract model, shardings, optimiser and jitted step functions (nothing allocated yet)."""
+    tc = train_config
+    rules = get_rules(tc.partitioning)
+    _check_batch_split(tc.batch_size, tc.microbatches, mesh, rules, tc.partitioning)
+    seed = tc.seed
+    parts = _model_parts(model_config, mesh, rules, seed, tc.batch_size)
+    build, abs_params = parts.pop("build"), parts.pop("unsharded_params")
+    tx, schedule = make_optimizer(tc.optimizer, abs_params, parts["param_axes"],
+                                  total_steps=tc.train_steps)
+    abstract_state = jax.eval_shape(lambda p: new_train_state(p, tx, seed), abs_params)
+    shardings = train_state_shardings(abstract_state, parts["param_axes"], mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def fresh() -> TrainState:
+        params = nnx.to_pure_dict(nnx.split(build(), nnx.Param, ...)[1])
+        return new_train_state(params, tx, seed)
+
+    with partitioned(mesh, rules):
+        apply_fn = make_apply_fn(parts["graphdef"], parts["rest"])
+        step_fn = make_train_step(apply_fn, tx, schedule, tc.loss, tc.microbatches)
         train_step = jax.jit(step_fn, in_shardings=(shardings, None),
                              out_shardings=(shardings, replicated), donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(apply_fn), in_shardings=(shardings.params, None),
-                            out_shardings=replicated)
         fresh_state = jax.jit(fresh, out_shardings=shardings)
         from_params = jax.jit(lambda p, step: new_train_state(p, tx, seed, step),
                               in_shardings=(shardings.params, None), out_shardings=shardings)
 
-    def run_traced(fn):
-        def wrapped(*args):
-            with partitioned(mesh, rules):
-                return fn(*args)
-
-        return wrapped
-
     return TrainSetup(
-        model_config=model_config, train_config=train_config, mesh=mesh, rules=rules,
-        graphdef=graphdef, rest=rest, param_axes=param_axes,
+        **parts, train_config=tc,
         abstract_state=abstract_with_shardings(abstract_state, shardings),
-        state_shardings=shardings, tx=tx, schedule=schedule, batch_sharding=batch_sharding,
-        train_step=run_traced(train_step), eval_step=run_traced(eval_step),
-        fresh_state=run_traced(fresh_state), state_from_params=run_traced(from_params))
+        state_shardings=shardings, tx=tx, schedule=schedule,
+        train_step=_run_traced(train_step, mesh, rules),
+        fresh_state=_run_traced(fresh_state, mesh, rules),
+        state_from_params=_run_traced(from_params, mesh, rules))
 
 
 # ---------------------------------------------------------------- where the state comes from

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Sharding
 
-from t5lite.errors import ConfigError
+from t5lite.errors import ConfigError, UserError
 from t5lite.parallel.hosts import any_host, host_to_global
 from t5lite.parallel.rules import RECIPES
 
@@ -122,3 +123,76 @@ class Evaluator:
         if totals["weight"] == 0:
             out["loss"] = math.nan
         return out
+
+
+def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any,
+                       module_imports: Sequence[str] = (),
+                       predict_eval_fn: Any = None) -> dict[str, Any]:
+    """Evaluate the checkpoint of `model_dir` (what `t5lite eval` runs); returns the metrics,
+    also appended to its metrics.jsonl (split "eval").
+
+    The architecture comes from model_config.json, the task, feature lengths and feature
+    converter from run_info.json (`eval_config` may override the task and lengths).
+    `predict_eval_fn(model, step) -> {name: value}` adds decoding metrics; "auto" builds one
+    from the task's metric_fns (`t5lite.inference_eval`; none without them).
+
+    Example::
+
+        >>> m = evaluate_model_dir("runs/demo", EvalConfig(batch_size=8, eval_steps=2),
+        ...                        MeshConfig(), ["t5lite_tasks"])
+        >>> m["loss"], m["accuracy"], m["step"]
+    """
+    from t5lite import checkpoint
+    from t5lite.config import check_feature_converter
+    from t5lite.data.pipeline import DataConfig
+    from t5lite.data.registry import get_task_or_mixture, import_task_modules
+    from t5lite.model_dir import read_model_config, read_run_info
+    from t5lite.parallel.hosts import data_shard_info, is_primary
+    from t5lite.parallel.mesh import make_mesh
+    from t5lite.train.data_source import SeqioData
+    from t5lite.train.metrics import MetricsWriter
+    from t5lite.train.setup import make_eval_setup
+
+    if not os.path.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} does not exist; train a model first "
+                        "(`t5lite train`).")
+    model_config = read_model_config(model_dir)
+    run_info = read_run_info(model_dir)
+    task = eval_config.mixture_or_task_name or run_info.task
+    if not task:
+        raise UserError(f"{model_dir} records no task; set "
+                        "--gin.EvalConfig.mixture_or_task_name=NAME.")
+    lengths = dict(eval_config.task_feature_lengths or run_info.task_feature_lengths)
+    check_feature_converter(model_config.architecture, run_info.feature_converter)
+    import_task_modules(list(module_imports))
+    get_task_or_mixture(task)
+    step = eval_config.step if eval_config.step is not None else checkpoint.latest_step(
+        model_dir)
+    if step is None:
+        raise UserError(f"no checkpoint in {model_dir}; train one with `t5lite train`.")
+    mesh = make_mesh(mesh_config)
+    setup = make_eval_setup(model_config, mesh, eval_config.partitioning, eval_config.batch_size)
+    params = checkpoint.restore_params(model_dir, setup.abstract_params, setup.param_shardings,
+                                       step)
+    data = SeqioData(DataConfig(task, lengths, split=eval_config.split,
+                                feature_converter=run_info.feature_converter),
+                     eval_split=eval_config.split)
+    shard = data_shard_info(setup.batch_sharding, eval_config.batch_size)
+    evaluator = Evaluator(setup.eval_step, setup.batch_sharding, eval_config.batch_size,
+                          model_config.vocab_size)
+    metrics: dict[str, Any] = evaluator(params, data.eval_batches(shard), eval_config.eval_steps)
+    if predict_eval_fn == "auto":  # decode the split when the task has metric_fns
+        from t5lite.inference_eval import make_predict_eval_fn
+
+        predict_eval_fn = make_predict_eval_fn(
+            task, lengths, split=eval_config.split, mesh=mesh, rules=eval_config.partitioning,
+            num_examples=(eval_config.eval_steps * eval_config.batch_size
+                          if eval_config.eval_steps else None))
+    if predict_eval_fn is not None:
+        metrics.update(predict_eval_fn(setup.model(params), step))
+    metrics.update({"task": task, "eval_split": eval_config.split, "source": "t5lite eval"})
+    writer = MetricsWriter(model_dir, enabled=is_primary(), tensorboard=False)
+    writer.write(step, "eval", metrics)
+    writer.close()
+    metrics["step"] = step
+    return metrics
