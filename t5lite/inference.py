@@ -8,19 +8,21 @@ Example::
     >>> gen.generate(["..."], decode="beam", beam_size=4, num_samples=2)[0].outputs  # 2 best
     >>> gen.generate(["..."], decode="sample", top_p=0.9, num_samples=3, seed=1)[0].outputs
 
-What happens per batch of texts (all inside one jitted function):
-  * texts are tokenised with the model's SentencePiece vocabulary (sentinels such as
-    `<extra_id_0>` map to their ids), EOS is appended, and the batch is padded to a fixed number
-    of rows and a length bucket (a power of two, at most the model's input length), so a handful
-    of compiled shapes serve every request;
-  * encoder-decoder: the encoder runs once and every decoder layer's cross-attention K/V are
-    computed once (`precompute_cross_attention`), then the decoding loop
-    (`t5lite.models.decoding`) runs `decode_step` against them; beams and samples are rows of the
-    self-attention cache, while the cross K/V stay one per input (shared by its beams/samples,
-    never copied or recomputed per step);
-  * decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by step;
-  * beam search keeps the beams of an input in one shared cache row (`t5lite.models.cache`), so
-    re-ranking beams never copies keys/values.
+What happens per batch of texts:
+  * on the host: texts are tokenised with the model's SentencePiece vocabulary (sentinels such
+    as `<extra_id_0>` map to their ids), EOS is appended, and the batch is padded to a fixed
+    number of rows and a length bucket (a power of two, at most the model's input length), so a
+    handful of compiled shapes serve every request;
+  * then, inside one jitted function:
+    - encoder-decoder: the encoder runs once and every decoder layer's cross-attention K/V are
+      computed once (`precompute_cross_attention`), then the decoding loop
+      (`t5lite.models.decoding.run_decoding`) runs `decode_step` against them; beams and
+      samples are rows of the self-attention cache, while the cross K/V stay one per input
+      (shared by its beams/samples, never copied or recomputed per step);
+    - decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by
+      step;
+    - beam search keeps the beams of an input in one shared cache row (`t5lite.models.cache`),
+      so re-ranking beams never copies keys/values.
 
 Sharding: pass a `mesh` (and a rules recipe): parameters are laid out by their logical axes,
 the batch goes over the data axes, and the model's activation constraints apply.
