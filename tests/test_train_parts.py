@@ -13,12 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from t5lite.errors import ConfigError, UserError
 from t5lite.parallel.mesh import MeshConfig, make_mesh
-from t5lite.parallel.rules import get_rules
+from t5lite.parallel.rules import get_rules, opt_state_shardings
 from t5lite.train.adafactor import adafactor, factor_spec
 from t5lite.train.losses import LossConfig, token_loss_sums
 from t5lite.train.optim import OptimizerConfig, make_optimizer, weight_decay_mask
 from t5lite.train.schedules import ScheduleConfig, make_schedule
-from t5lite.parallel.rules import opt_state_shardings
 
 
 # ---------------------------------------------------------------- schedules

@@ -81,3 +81,25 @@ def test_accumulation_equals_one_big_batch():
 def test_batch_that_does_not_split_over_the_mesh_is_refused():
     with pytest.raises(ConfigError, match="not divisible by the 8 data-parallel"):
         make_setup(MODEL, _train_config("dp", batch=12), make_mesh(MeshConfig(data=8)))
+
+
+def test_eval_setup_matches_the_train_setup_without_an_optimizer():
+    """`make_eval_setup` (what `t5lite eval` uses) shards parameters exactly like training and
+    its eval step gives the same sums, without building an optimiser or a train state."""
+    from t5lite.train.setup import TrainSetup, make_eval_setup
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    train_setup = make_setup(MODEL, _train_config("fsdp"), mesh)
+    eval_setup = make_eval_setup(MODEL, mesh, "fsdp", BATCH)
+    assert not isinstance(eval_setup, TrainSetup) and not hasattr(eval_setup, "tx")
+    same = jax.tree.map(lambda a, b: a == b, eval_setup.param_shardings,
+                        train_setup.state_shardings.params)
+    assert all(jax.tree.leaves(same))
+    params = train_setup.fresh_state().params
+    batch = host_to_global(global_batch(0, BATCH), eval_setup.batch_sharding, BATCH)
+    want = jax.device_get(train_setup.eval_step(params, batch))
+    got = jax.device_get(eval_setup.eval_step(params, batch))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    with pytest.raises(ConfigError, match="not divisible"):
+        make_eval_setup(MODEL, mesh, "fsdp", 12)
