@@ -133,6 +133,9 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: `main(["t5lite", verb, *flags])`."""
     argv = list(sys.argv if argv is None else argv)
+    from t5lite import quiet_tf
+
+    quiet_tf.install()  # no TensorFlow C++ start-up lines on the console (see t5lite/quiet_tf.py)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         sys.exit(0 if len(argv) >= 2 else 2)

@@ -23,11 +23,11 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from t5lite.data.registry import get_task_or_mixture
 from t5lite.errors import ConfigError
+
+# seqio and TensorFlow (~10 s to import) are imported inside the functions that build data, so
+# `DataConfig` (registered with gin by every verb, e.g. `t5lite info`) costs nothing.
 
 FEATURE_CONVERTERS = ("enc_dec", "prefix_lm")
 # SeqIO hands out per-preprocessor seeds from a process-global counter while a dataset is built;
@@ -88,6 +88,8 @@ class DataConfig:
 
 
 def make_feature_converter(name: str, pack: bool) -> seqio.FeatureConverter:
+    import seqio
+
     if name == "enc_dec":
         return seqio.EncDecFeatureConverter(pack=pack)
     if name == "prefix_lm":
@@ -102,6 +104,8 @@ def model_feature_lengths(config: DataConfig) -> dict[str, int]:
 
 
 def _tasks_of(provider) -> list[seqio.Task]:
+    import seqio
+
     return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
 
 
@@ -132,6 +136,11 @@ def shard_seed(seed: int | None, shard_index: int, num_shards: int) -> int | Non
 def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
                   start_batch: int = 0) -> tf.data.Dataset:
     """The batched `tf.data.Dataset` behind `make_batch_stream`."""
+    import seqio
+    import tensorflow as tf
+
+    from t5lite.data.registry import get_task_or_mixture
+
     if not 0 <= shard_index < num_shards:
         raise ConfigError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     if start_batch < 0:
@@ -173,6 +182,8 @@ def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int =
 
 
 def _pad_rows(batch_size: int):
+    import tensorflow as tf
+
     def pad(batch):
         out = {}
         for key, value in batch.items():
