@@ -5,6 +5,7 @@
 #   launch/local_multiprocess.sh 2 4 --gin_file=gin/demo.gin --model_dir=runs/mp_demo
 #
 # Process 0 writes metrics and model-dir files; all processes write their checkpoint shards.
+# T5LITE overrides the t5lite executable (default .venv/bin/t5lite); PORT the coordinator port.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS t5lite-train-flags..." >&2
@@ -18,7 +19,7 @@ for ((i = 0; i < NUM; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" \
   T5LITE_COORDINATOR_ADDRESS="127.0.0.1:${PORT}" T5LITE_NUM_PROCESSES="${NUM}" \
   T5LITE_PROCESS_ID="${i}" \
-    .venv/bin/t5lite train --cpu_collectives=gloo "$@" &
+    "${T5LITE:-.venv/bin/t5lite}" train --cpu_collectives=gloo "$@" &
   pids+=($!)
 done
 # forward a stop request (preemption rehearsal) to every process
