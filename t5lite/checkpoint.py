@@ -32,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from t5lite import storage
 from t5lite.errors import UserError
 from t5lite.model_dir import checkpoint_dir
 from t5lite.parallel.rules import path_key
@@ -42,14 +43,14 @@ FORMAT_VERSION = 1
 
 
 def _abs(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+    return storage.abspath(path)  # gs:// paths stay as they are
 
 
 def _resolve_dir(path: str) -> str:
     """Accept a model dir (with checkpoints/) or a checkpoints dir itself."""
     path = _abs(path)
     inner = checkpoint_dir(path)
-    return inner if os.path.isdir(inner) else path
+    return inner if storage.isdir(inner) else path
 
 
 def _manager(directory: str, *, keep: int | None = None, async_save: bool = False,
@@ -83,7 +84,7 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def latest_step(model_dir: str) -> int | None:
     """The newest complete checkpoint step in `model_dir` (or a checkpoints dir), or None."""
     directory = _resolve_dir(model_dir)
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return None
     with _manager(directory) as mngr:
         return mngr.latest_step()

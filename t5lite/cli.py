@@ -109,6 +109,10 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
             if len(verb_argv) > 1:
                 raise UserError(f"unexpected arguments {verb_argv[1:]}; flags look like "
                                 "--name=value.")
+            from t5lite import storage
+
+            # every gs:// path given: credentials, endpoint and bucket checked in bounded time
+            storage.check_remote_args(args + gin_bindings)
             if takes_gin:
                 module.main(gin_bindings)
             else:

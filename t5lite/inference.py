@@ -165,7 +165,9 @@ class Generator:
         from t5lite.data.vocab import load_vocabulary
         from t5lite.model_dir import read_model_config, read_run_info
 
-        if not os.path.isdir(model_dir):
+        from t5lite import storage
+
+        if not storage.isdir(model_dir):
             raise UserError(f"--model_dir {model_dir!r} does not exist.")
         cfg = read_model_config(model_dir)
         info = read_run_info(model_dir)

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 
+from t5lite import storage
 from t5lite.config import ModelConfig, config_from_dict, config_to_dict
 from t5lite.errors import UserError
 
@@ -51,26 +52,21 @@ class RunInfo:
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: str, what: str) -> dict:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise UserError(f"{path} not found: {what}. Is this a t5lite model dir (written by "
                         "`t5lite train` or `t5lite import`)?")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or re-run `t5lite train`.")
 
 
 def write_model_config(model_dir: str, config: ModelConfig) -> None:
-    os.makedirs(model_dir, exist_ok=True)
+    storage.makedirs(model_dir)
     _write_json_atomic(os.path.join(model_dir, MODEL_CONFIG_FILE), config_to_dict(config))
 
 
@@ -80,7 +76,7 @@ def read_model_config(model_dir: str) -> ModelConfig:
 
 
 def write_run_info(model_dir: str, info: RunInfo) -> None:
-    os.makedirs(model_dir, exist_ok=True)
+    storage.makedirs(model_dir)
     _write_json_atomic(os.path.join(model_dir, RUN_INFO_FILE), dataclasses.asdict(info))
 
 
@@ -88,9 +84,9 @@ def read_run_info(model_dir: str) -> RunInfo:
     values = _read_json(os.path.join(model_dir, RUN_INFO_FILE),
                         "the model's vocabulary and feature lengths are unknown")
     info = RunInfo(**values)
-    if not os.path.isabs(info.vocabulary):
+    if not storage.isabs(info.vocabulary):
         candidate = os.path.join(model_dir, info.vocabulary)
-        if os.path.exists(candidate):
+        if storage.exists(candidate):
             info = dataclasses.replace(info, vocabulary=candidate)
     return info
 

@@ -20,7 +20,6 @@ tokens are kept).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
@@ -64,10 +63,11 @@ def read_inputs(text: str | None, path: str | None) -> list[str]:
         raise UserError("give exactly one of --input=TEXT or --input_file=FILE.")
     if text is not None:
         return [text]
-    if not os.path.isfile(path):
+    from t5lite import storage
+
+    if not storage.isfile(path):
         raise UserError(f"--input_file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = storage.read_text(path).splitlines()
     if not lines:
         raise UserError(f"--input_file {path!r} is empty: nothing to decode (one input per "
                         "line).")
@@ -129,10 +129,9 @@ def main() -> None:
                            truncate=FLAGS.truncate)
     text = "".join(line + "\n" for line in format_results(results, FLAGS.format))
     if FLAGS.output_file:
-        tmp = f"{FLAGS.output_file}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, FLAGS.output_file)
+        from t5lite import storage
+
+        storage.write_atomic(FLAGS.output_file, text)  # local tmp + rename; gs://: one upload
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -24,6 +24,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5lite import storage
 from t5lite.errors import UserError
 
 FORMATS = ("text", "jsonl")
@@ -31,8 +32,8 @@ FORMATS = ("text", "jsonl")
 
 def _open(path: str):
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return tf.io.gfile.GFile(path, "r")
+        return gzip.open(storage.open(path, "rb"), "rt", encoding="utf-8")
+    return storage.open(path, "r")
 
 
 class TextDocumentSource(seqio.DataSource):
@@ -52,7 +53,7 @@ class TextDocumentSource(seqio.DataSource):
             paths = [paths] if isinstance(paths, str) else list(paths)
             expanded: list[str] = []
             for pattern in paths:
-                matches = sorted(tf.io.gfile.glob(pattern))
+                matches = storage.glob(pattern)  # local or gs://
                 if not matches:
                     raise UserError(f"split {split!r}: no file matches {pattern!r}")
                 expanded.extend(matches)
@@ -100,6 +101,13 @@ class TextDocumentSource(seqio.DataSource):
             return tf.data.Dataset.from_tensor_slices(
                 tf.constant(list(self._jsonl_documents(paths)) or [""], tf.string)
             ).filter(lambda text: tf.strings.length(text) > 0)
+        if any(storage.is_remote(p) for p in paths):
+            # gs:// text files are read through t5lite.storage (one client for every gs://
+            # path, emulators included), into memory like JSONL: this host's files only.
+            lines = [line.rstrip("\n") for p in paths for line in _open(p)]
+            return tf.data.Dataset.from_tensor_slices(tf.constant(lines or [""], tf.string)
+                                                      ).filter(lambda line: tf.strings.length(
+                                                          tf.strings.strip(line)) > 0)
         per_file = [tf.data.TextLineDataset(p, compression_type="GZIP" if p.endswith(".gz")
                                             else None) for p in paths]
         ds = per_file[0]

@@ -127,12 +127,14 @@ def load_vocabulary(path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
     not a SentencePiece model.
     """
     import seqio
-    import tensorflow as tf
 
-    if not tf.io.gfile.exists(path):
+    from t5lite import storage
+
+    if not storage.exists(path):
         raise UserError(f"vocabulary file {path!r} does not exist (train one with "
                         "`t5lite vocab --input=FILE --vocab_size=N --output=PREFIX`)")
-    vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    # SentencePiece reads local files: a gs:// model is copied to a local cache first
+    vocab = seqio.SentencePieceVocabulary(storage.local_copy(path), extra_ids=extra_ids)
     try:
         _ = vocab.tokenizer  # loads and parses the model now
     except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own text

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -179,8 +180,22 @@ def import_hf(hf_dir: str, model_dir: str, *, vocab: str | None = None,
 
 # ------------------------------------------------------------------------------ export
 def export_hf(model_dir: str, output_dir: str, *, step: int | None = None) -> dict[str, Any]:
-    """Write `model_dir`'s checkpoint as a transformers T5 directory; returns the config dict."""
+    """Write `model_dir`'s checkpoint as a transformers T5 directory; returns the config dict.
+
+    A gs:// `output_dir` is written locally first and then uploaded, config.json last: a
+    directory with config.json is complete."""
     from safetensors.numpy import save_file
+
+    from t5lite import storage
+
+    if storage.is_remote(output_dir):
+        if storage.exists(storage.join(output_dir, "config.json")):
+            raise UserError(f"--output {output_dir} already holds a model (config.json); choose "
+                            "an empty directory.")
+        with tempfile.TemporaryDirectory(prefix="t5lite-export-") as tmp:
+            config = export_hf(model_dir, tmp, step=step)
+            storage.upload_dir(tmp, output_dir, last=("config.json",))
+        return config
 
     from t5lite.export.hf_mapping import check_hf_compatible, hf_config_from, params_to_hf_state_dict
     from t5lite.inference import load_model
@@ -216,8 +231,9 @@ def export_hf(model_dir: str, output_dir: str, *, step: int | None = None) -> di
         json.dump({"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, f)
     try:
         info = read_run_info(model_dir)
-        if os.path.exists(info.vocabulary):
-            shutil.copyfile(info.vocabulary, os.path.join(output_dir, VOCAB_FILE))
+        if storage.exists(info.vocabulary):
+            shutil.copyfile(storage.local_copy(info.vocabulary),
+                            os.path.join(output_dir, VOCAB_FILE))
     except UserError:
         log.warning("%s has no run_info.json: no vocabulary copied", model_dir)
     log.info("exported %s (step %s) to %s", model_dir, used_step, output_dir)

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from t5lite import checkpoint, model_dir as md
+from t5lite import checkpoint, storage
+from t5lite import model_dir as md
 from t5lite.config import ModelConfig, check_feature_converter
 from t5lite.errors import UserError
 from t5lite.inference_eval import PredictEvalFn
@@ -111,15 +112,14 @@ def write_model_dir_files(model_dir: str, setup: TrainSetup, run_info: md.RunInf
     if run_info is not None:
         md.write_run_info(model_dir, run_info)
     if operative_config is not None:
-        with open(os.path.join(model_dir, md.OPERATIVE_GIN_FILE), "w", encoding="utf-8") as f:
-            f.write(operative_config)
+        storage.write_atomic(os.path.join(model_dir, md.OPERATIVE_GIN_FILE), operative_config)
     mesh_line = ("mesh: " + ", ".join(f"{k}={v}" for k, v in setup.mesh.shape.items())
                  + f" on {setup.mesh.size} {jax.devices()[0].platform} devices "
                  f"({jax.process_count()} process(es)); partitioning="
                  f"{setup.train_config.partitioning}")
     text = model_info(setup.model_config, setup.mesh, setup.rules)
-    with open(os.path.join(model_dir, md.MODEL_INFO_FILE), "w", encoding="utf-8") as f:
-        f.write(mesh_line + "\n\n" + text + "\n")
+    storage.write_atomic(os.path.join(model_dir, md.MODEL_INFO_FILE),
+                         mesh_line + "\n\n" + text + "\n")
 
 
 def _tokens_per_batch(batch: HostBatch, global_rows: int) -> tuple[int, int, int]:
@@ -156,7 +156,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
     plan = plan_start(setup, model_dir, tc.init_from)  # validates before anything is written
     sync_hosts("t5lite:train:after_plan")
     if primary:
-        os.makedirs(model_dir, exist_ok=True)
+        storage.makedirs(model_dir)
         write_model_dir_files(model_dir, setup, run_info, operative_config)
     ckpt = checkpoint.TrainCheckpointer(model_dir, keep=tc.keep_checkpoints,
                                         async_save=tc.async_checkpointing)

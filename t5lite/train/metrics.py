@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from t5lite import storage
 from t5lite.model_dir import METRICS_FILE, TENSORBOARD_SUBDIR
 
 
@@ -36,10 +37,15 @@ class MetricsWriter:
         self.enabled = enabled
         self._path = os.path.join(model_dir, METRICS_FILE)
         self._tb = None
+        self._log = None
         if enabled:
-            os.makedirs(model_dir, exist_ok=True)
+            storage.makedirs(model_dir)
+            # local: appended per record; gs://: buffered segment objects (t5lite.storage)
+            self._log = storage.AppendLog(self._path)
             if tensorboard:
                 from tensorboardX import SummaryWriter
+
+                storage.register_tensorboard_writer()  # gs:// event files as segment objects
 
                 self._tb = SummaryWriter(os.path.join(model_dir, TENSORBOARD_SUBDIR),
                                          flush_secs=30)
@@ -50,8 +56,7 @@ class MetricsWriter:
         record = {"step": int(step), "split": split}
         record.update({k: _clean(v) for k, v in metrics.items()})
         record["time"] = round(time.time(), 3)
-        with open(self._path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
+        self._log.write(json.dumps(record, sort_keys=False) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key in ("step", "split", "time") or not isinstance(value, (int, float)):
@@ -59,10 +64,14 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
 
     def flush(self) -> None:
+        if self._log is not None:
+            self._log.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -71,10 +80,7 @@ class MetricsWriter:
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     """All records of MODEL_DIR/metrics.jsonl (empty list when there is none)."""
     path = os.path.join(model_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_lines(path) if line.strip()]
 
 
 def format_duration(seconds: float) -> str:

@@ -153,7 +153,9 @@ def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any
     from t5lite.train.metrics import MetricsWriter
     from t5lite.train.setup import make_eval_setup
 
-    if not os.path.isdir(model_dir):
+    from t5lite import storage
+
+    if not storage.isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} does not exist; train a model first "
                         "(`t5lite train`).")
     model_config = read_model_config(model_dir)

@@ -1,0 +1,173 @@
+"""t5lite.storage on local paths and on gs:// against a real GCS JSON API (fake-gcs-server on
+127.0.0.1), plus the bad-input checks of gs:// paths (one `error:` line, exit 2)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from gcs_emulator import GcsEmulator
+from t5lite import storage
+from t5lite.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                            "GCE_METADATA_ROOT", "GCE_METADATA_HOST")}
+    with GcsEmulator() as emulator:
+        emulator.create_bucket("bucket")
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+        storage.configure()
+        storage._fs.cache_clear()
+        try:
+            yield emulator
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            storage._fs.cache_clear()
+
+
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    request.getfixturevalue("gcs")
+    return f"gs://bucket/{uuid.uuid4().hex[:8]}"
+
+
+def test_files_round_trip(root):
+    run = storage.join(root, "run")
+    storage.makedirs(run)
+    assert not storage.exists(storage.join(run, "a.json"))
+    storage.write_atomic(storage.join(run, "a.json"), '{"x": 1}\n')
+    storage.write_atomic(storage.join(run, "b.txt"), b"bytes")
+    storage.write_atomic(storage.join(run, "a.json"), '{"x": 2}\n')     # replaced whole
+    with storage.open(storage.join(run, "sub", "c.txt"), "w") if storage.is_remote(root) else \
+            _local_sub(run) as f:
+        f.write("line 1\nline 2\n")
+    assert storage.read_text(storage.join(run, "a.json")) == '{"x": 2}\n'
+    assert storage.read_bytes(storage.join(run, "b.txt")) == b"bytes"
+    assert storage.isfile(storage.join(run, "b.txt")) and not storage.isfile(run)
+    assert storage.isdir(run) and storage.isdir(storage.join(run, "sub"))
+    assert not storage.isdir(storage.join(root, "nothing"))
+    assert storage.listdir(run) == ["a.json", "b.txt", "sub"]
+    assert storage.glob(storage.join(run, "*.t*")) == [storage.join(run, "b.txt")]
+    with storage.open(storage.join(run, "sub", "c.txt")) as f:
+        assert f.read().splitlines() == ["line 1", "line 2"]
+    local = storage.local_copy(storage.join(run, "b.txt"))
+    assert open(local, "rb").read() == b"bytes"
+    assert storage.isabs(root) and storage.abspath(run) == run
+    assert not [n for n in storage.listdir(run) if ".tmp" in n]   # no temporary files left
+
+
+def _local_sub(run):
+    os.makedirs(os.path.join(run, "sub"))
+    return open(os.path.join(run, "sub", "c.txt"), "w")
+
+
+def test_remote_open_refuses_append(gcs):
+    with pytest.raises(ValueError, match="AppendLog"):
+        storage.open("gs://bucket/x/log.txt", "a")
+
+
+def test_append_log_segments_on_gcs(gcs):
+    path = f"gs://bucket/{uuid.uuid4().hex[:8]}/metrics.jsonl"
+    log = storage.AppendLog(path, flush_secs=3600, segment_bytes=64)
+    records = [f'{{"step": {i}, "loss": 1.5}}\n' for i in range(10)]   # 26-27 bytes each
+    for r in records[:2]:
+        log.write(r)
+    assert storage.read_lines(path) == []            # buffered: nothing uploaded yet ...
+    log.flush()
+    assert storage.read_lines(path) == records[:2]   # ... until a flush (or flush_secs, or
+    for r in records[2:]:                            # a full segment)
+        log.write(r)
+    log.close()
+    segments = storage.glob(path + ".*")
+    assert len(segments) >= 3                         # rolled over at 64 bytes
+    assert all(len(storage.read_bytes(s)) < 64 + 27 for s in segments)
+    assert storage.read_lines(path) == records
+    # a resumed run continues after the last segment and never rewrites the old ones
+    before = {s: storage.read_bytes(s) for s in segments}
+    log2 = storage.AppendLog(path, segment_bytes=64)
+    log2.write('{"step": 10}\n')
+    log2.close()
+    assert storage.read_lines(path) == records + ['{"step": 10}\n']
+    assert all(storage.read_bytes(s) == b for s, b in before.items())
+    # cost: every byte is uploaded at most ceil(segment_bytes / record) times, not once per
+    # record of the whole history as with a rewrite of one object
+    assert log.uploaded_bytes < 3 * sum(len(r) for r in records)
+
+
+def test_append_log_local_appends(tmp_path):
+    path = str(tmp_path / "m" / "metrics.jsonl")
+    log = storage.AppendLog(path)
+    log.write("a\n")
+    assert open(path).read() == "a\n"                 # visible at once, no buffering
+    storage.AppendLog(path).write("b\n")
+    assert storage.read_lines(path) == ["a\n", "b\n"]
+
+
+def test_remote_paths_in_arguments():
+    args = ["--model_dir=gs://b1/run", "--gin.INIT_FROM='gs://b2/x'", "--input_file", "gs://b1/p",
+            "--output=runs/x"]
+    assert storage.remote_paths_in(args) == ["gs://b1/run", "gs://b2/x", "gs://b1/p"]
+
+
+def test_check_remote_accepts_a_bucket(gcs):
+    storage.check_remote("gs://bucket/some/run")
+
+
+def test_check_remote_missing_bucket(gcs):
+    with pytest.raises(UserError, match=r"gs://no-such-bucket/run: bucket gs://no-such-bucket "
+                                        r"does not exist"):
+        storage.check_remote("gs://no-such-bucket/run")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_remote_unreachable_endpoint(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(UserError, match=r"gs://bucket/run: cannot reach the storage endpoint"):
+        storage.check_remote("gs://bucket/run", timeout=5)
+
+
+def test_check_remote_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(UserError, match=r"gs://bucket/run: no Google Cloud credentials"):
+        storage.check_remote("gs://bucket/run")
+
+
+def test_bucketless_path():
+    with pytest.raises(UserError, match="needs a bucket"):
+        storage.split_bucket("gs:///run")
+
+
+@pytest.mark.parametrize("case", ["missing_bucket", "unreachable"])
+def test_cli_bad_gs_path_is_one_error_line(gcs, repo_root, case):
+    env = gcs.env()
+    if case == "unreachable":
+        env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_closed_port()}"
+        args = ["eval", "--gin_file=gin/demo.gin", "--model_dir=gs://bucket/run"]
+        expected = "error: gs://bucket/run: cannot reach the storage endpoint"
+    else:
+        args = ["infer", "--model_dir=gs://no-such-bucket/run", "--input=x"]
+        expected = "error: gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist"
+    r = subprocess.run([sys.executable, "-m", "t5lite.cli", *args], cwd=repo_root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
