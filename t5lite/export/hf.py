@@ -121,7 +121,21 @@ def model_gin_text(cfg: ModelConfig, source: str) -> str:
 def import_hf(hf_dir: str, model_dir: str, *, vocab: str | None = None,
               scan_layers: bool = True, inputs_length: int = 512, targets_length: int = 114,
               dtype: str = "float32") -> ModelConfig:
-    """Write a t5lite model dir from a transformers T5 directory (see module docstring)."""
+    """Write a t5lite model dir from a transformers T5 directory (see module docstring).
+    A gs:// `hf_dir` (or `vocab`) is downloaded to a temporary directory first."""
+    from t5lite import storage
+
+    if storage.is_remote(hf_dir):
+        with tempfile.TemporaryDirectory(prefix="t5lite-import-") as tmp:
+            for name in storage.listdir(hf_dir):
+                if storage.isfile(storage.join(hf_dir, name)):
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(storage.read_bytes(storage.join(hf_dir, name)))
+            return import_hf(tmp, model_dir, vocab=vocab, scan_layers=scan_layers,
+                             inputs_length=inputs_length, targets_length=targets_length,
+                             dtype=dtype)
+    if vocab is not None:
+        vocab = storage.local_copy(vocab)
     import jax
     from flax import nnx
 
@@ -164,16 +178,19 @@ def import_hf(hf_dir: str, model_dir: str, *, vocab: str | None = None,
     params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), pure,
                           nnx.to_pure_dict(abstract))
 
-    os.makedirs(model_dir, exist_ok=True)
+    from t5lite import storage
+
+    storage.makedirs(model_dir)
     checkpoint.save_params(model_dir, params, step=0)
-    shutil.copyfile(vocab_src, os.path.join(model_dir, VOCAB_FILE))
+    with open(vocab_src, "rb") as f:
+        storage.write_atomic(storage.join(model_dir, VOCAB_FILE), f.read())
     write_model_config(model_dir, cfg)
     write_run_info(model_dir, RunInfo(task=None, vocabulary=VOCAB_FILE,
                                       task_feature_lengths={"inputs": int(inputs_length),
                                                             "targets": int(targets_length)},
                                       extra_ids=100, feature_converter="enc_dec"))
-    with open(os.path.join(model_dir, MODEL_GIN_FILE), "w", encoding="utf-8") as f:
-        f.write(model_gin_text(cfg, os.path.abspath(hf_dir)))
+    storage.write_atomic(storage.join(model_dir, MODEL_GIN_FILE),
+                         model_gin_text(cfg, os.path.abspath(hf_dir)))
     log.info("imported %s into %s", hf_dir, model_dir)
     return cfg
 

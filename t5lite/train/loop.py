@@ -354,6 +354,7 @@ class _Run:
         self._fetch_metrics()
         if self.last_saved != self.step:
             self.ckpt.save(self.state, self.data_position)
+            self.writer.flush()  # gs:// metrics segments: persisted with each checkpoint
             self.last_saved = self.step
 
     def _stop_on_signal(self, t_start: float) -> TrainResult:
