@@ -1,17 +1,15 @@
-"""Cost of appending metrics.jsonl records on gs://: t5lite's segment log vs rewriting one object.
+"""Cost of appending metrics.jsonl records on gs://: t5lite's segment log vs one object.
 
-    python benchmarks/gcs_append.py [--records=2000] [--segment_bytes=1048576]
+    python benchmarks/gcs_append.py [--records=7200] [--segment_bytes=262144]
 
-Starts fake-gcs-server on 127.0.0.1 (tests/gcs_emulator.py) and writes `--records` records of
-a real train-metrics line (~300 bytes) three ways, flushing after every record (the worst case:
-the trainer flushes at most every 30 s):
-  rewrite   the whole object uploaded again on every record (what an "append" on an object
-            store costs without segments; also tensorboardX's own gs:// event writer)
-  segments  storage.AppendLog: the current segment uploaded again, a new one every
-            `--segment_bytes`
-  segments/30s  storage.AppendLog with its default flush_secs=30, records 1 s apart (simulated
-            clock), i.e. a run that logs every second
-Prints bytes uploaded, uploads and wall time of each.
+Starts fake-gcs-server on 127.0.0.1 (tests/gcs_emulator.py) and logs `--records` real-sized
+train-metrics lines (~260 bytes), one per simulated second (the clock is simulated, the
+uploads are real), with the trainer's flush period of 30 s, two ways:
+  one object  metrics.jsonl uploaded again, whole, at every flush (an "append" on an object
+              store without segments; tensorboardX's own gs:// event writer does this)
+  segments    storage.AppendLog: only the current segment is uploaded again; a new segment
+              starts every `--segment_bytes`
+Prints bytes uploaded, uploads, the largest upload and the objects left.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ RECORD = json.dumps({"step": 123400, "split": "train", "loss": 2.3456789, "accur
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--segment_bytes", type=int, default=1 << 20)
+    parser.add_argument("--records", type=int, default=7200)
+    parser.add_argument("--segment_bytes", type=int, default=256 << 10)
     args = parser.parse_args()
     with GcsEmulator() as gcs:
         gcs.create_bucket("bench")
@@ -45,42 +43,40 @@ def main() -> None:
 
         storage.configure()
         results = {}
-        t0 = time.perf_counter()
-        content, sent = b"", 0
-        for _ in range(args.records):
-            content += RECORD.encode()
-            storage.write_atomic("gs://bench/rewrite/metrics.jsonl", content)
-            sent += len(content)
-        results["rewrite"] = (sent, args.records, time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        log = storage.AppendLog("gs://bench/seg/metrics.jsonl", flush_secs=0,
-                                segment_bytes=args.segment_bytes)
-        for _ in range(args.records):
-            log.write(RECORD)
-        log.close()
-        results["segments"] = (log.uploaded_bytes, log.uploads, time.perf_counter() - t0)
-
         clock = [0.0]
         real_monotonic = time.monotonic
         time.monotonic = lambda: clock[0]
         try:
+            content, sent, uploads, last, t0 = b"", 0, 0, 0.0, time.perf_counter()
+            for _ in range(args.records):
+                clock[0] += 1.0
+                content += RECORD.encode()
+                if clock[0] - last >= 30:
+                    storage.write_atomic("gs://bench/one/metrics.jsonl", content)
+                    sent, uploads, last = sent + len(content), uploads + 1, clock[0]
+            storage.write_atomic("gs://bench/one/metrics.jsonl", content)
+            results["one object"] = (sent + len(content), uploads + 1, len(content), 1,
+                                     time.perf_counter() - t0)
+
             t0 = time.perf_counter()
-            log = storage.AppendLog("gs://bench/seg30/metrics.jsonl",
+            log = storage.AppendLog("gs://bench/seg/metrics.jsonl",
                                     segment_bytes=args.segment_bytes)
             for _ in range(args.records):
                 clock[0] += 1.0
                 log.write(RECORD)
             log.close()
-            results["segments/30s"] = (log.uploaded_bytes, log.uploads,
-                                       time.perf_counter() - t0)
+            objects = len(storage.glob("gs://bench/seg/metrics.jsonl.*"))
+            results["segments"] = (log.uploaded_bytes, log.uploads,
+                                   min(args.segment_bytes + len(RECORD), len(content)), objects,
+                                   time.perf_counter() - t0)
         finally:
             time.monotonic = real_monotonic
         assert len(storage.read_lines("gs://bench/seg/metrics.jsonl")) == args.records
     print(f"{args.records} records of {len(RECORD)} bytes "
           f"({args.records * len(RECORD) / 1e6:.2f} MB of metrics), segment {args.segment_bytes} B")
-    for name, (sent, uploads, wall) in results.items():
-        print(f"{name:>13}: {sent / 1e6:9.2f} MB uploaded in {uploads:5d} uploads, {wall:6.1f} s")
+    for name, (sent, uploads, largest, objects, wall) in results.items():
+        print(f"{name:>10}: {sent / 1e6:8.2f} MB uploaded in {uploads:4d} uploads (largest "
+              f"{largest / 1e3:.0f} kB), {objects} object(s), {wall:5.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Object stores have no atomic directory rename and no append, so writes are shape
 - `AppendLog(path)` (metrics.jsonl, TensorBoard event files): local files are appended to and
   flushed per write; on gs:// the lines go to *segment objects* `PATH.00000`, `PATH.00001`, ...
   The current segment is uploaded again (whole) at most every `flush_secs` and on `flush()` /
-  `close()`; once it holds `segment_bytes` it is closed and the next one starts, so one upload
-  never exceeds `segment_bytes` (1 MiB) however long the run. `read_lines(path)` returns PATH
+  `close()`; once it holds `segment_bytes` (256 KiB) it is closed and the next one starts, so
+  one upload never exceeds that however long the run (benchmarks/gcs_append.py measures it). `read_lines(path)` returns PATH
   followed by its segments.
 - Checkpoints: Orbax writes gs:// steps in place and commits them with a `commit_success.txt`
   object written last; `latest_step` only counts committed steps.
@@ -294,7 +294,7 @@ class AppendLog:
     ['{"step": 1}\\n']
     """
 
-    def __init__(self, path: str, *, flush_secs: float = 30.0, segment_bytes: int = 1 << 20):
+    def __init__(self, path: str, *, flush_secs: float = 30.0, segment_bytes: int = 256 << 10):
         self.path = path
         self.remote = is_remote(path)
         self.flush_secs, self.segment_bytes = flush_secs, segment_bytes

@@ -171,3 +171,67 @@ def test_cli_bad_gs_path_is_one_error_line(gcs, repo_root, case):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+# ---------------------------------------------------------------- gs:// inputs and checkpoints
+
+def test_text_and_jsonl_task_sources_and_vocabulary_in_a_bucket(gcs):
+    import gzip
+    import json
+
+    from t5lite.data import denoisers, tasks
+    from t5lite.commands.data import show_examples
+    from t5lite.data.vocab import load_vocabulary
+    from t5lite_tasks import demo
+
+    root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
+    lines = [f"Paragraph {i} says something about the interpreter and modules." for i in
+             range(20)]
+    storage.write_atomic(f"{root}/data/train-0.txt", "\n".join(lines[:10]) + "\n")
+    storage.write_atomic(f"{root}/data/train-1.txt", "\n".join(lines[10:]) + "\n")
+    storage.write_atomic(f"{root}/data/val.jsonl.gz", gzip.compress(
+        "".join(json.dumps({"body": t}) + "\n" for t in lines[:4]).encode()))
+    with open(demo.VOCABULARY_PATH, "rb") as f:
+        storage.write_atomic(f"{root}/vocab/spm.model", f.read())
+    vocab = load_vocabulary(f"{root}/vocab/spm.model")
+    assert vocab.encode("modules") == demo.vocabulary().encode("modules")
+    name = f"gcs_text_{uuid.uuid4().hex[:6]}"
+    tasks.add_pretraining_task(
+        name, tasks.text_files_source({"train": f"{root}/data/train-*.txt",
+                                       "validation": [f"{root}/data/val.jsonl.gz"]}),
+        vocab, denoisers.prefix_lm(), default_sequence_length={"inputs": 32, "targets": 32})
+    records = show_examples(name, num=20, shuffle=False)
+    assert [r["inputs"][:-1] + r["targets"][:-1] for r in records] == [
+        list(vocab.encode(t)) for t in lines]
+    jsonl = f"gcs_jsonl_{uuid.uuid4().hex[:6]}"
+    tasks.add_pretraining_task(
+        jsonl, tasks.text_files_source({"validation": f"{root}/data/val.jsonl.gz"},
+                                       file_format="jsonl", text_key="body"),
+        vocab, denoisers.prefix_lm(), default_sequence_length={"inputs": 32, "targets": 32})
+    records = show_examples(jsonl, split="validation", num=4, shuffle=False)
+    assert [r["inputs"][:-1] + r["targets"][:-1] for r in records] == [
+        list(vocab.encode(t)) for t in lines[:4]]
+    with pytest.raises(UserError, match="no file matches"):
+        tasks.text_files_source({"train": f"{root}/data/nothing-*.txt"})
+    with pytest.raises(UserError, match="does not exist"):
+        load_vocabulary(f"{root}/vocab/missing.model")
+
+
+def test_params_checkpoint_in_a_bucket(gcs):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from t5lite import checkpoint
+
+    run = f"gs://bucket/{uuid.uuid4().hex[:8]}/imported"
+    assert checkpoint.latest_step(run) is None
+    params = {"dense": {"kernel": jnp.arange(12.0).reshape(3, 4)}, "bias": jnp.ones(4)}
+    checkpoint.save_params(run, params, step=7)
+    assert checkpoint.latest_step(run) == 7
+    # committed with a marker object, not a directory rename
+    assert storage.exists(f"{run}/checkpoints/7/commit_success.txt")
+    abstract = {"dense": {"kernel": jnp.zeros((3, 4))}, "bias": jnp.zeros(4)}
+    restored = checkpoint.restore_params(run, abstract)
+    np.testing.assert_array_equal(restored["dense"]["kernel"], params["dense"]["kernel"])
+    with pytest.raises(UserError, match="does not fit"):
+        checkpoint.restore_params(run, {"bias": jnp.zeros(5)})
