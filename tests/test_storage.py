@@ -180,7 +180,7 @@ def test_text_and_jsonl_task_sources_and_vocabulary_in_a_bucket(gcs):
     import json
 
     from t5lite.data import denoisers, tasks
-    from t5lite.commands.data import show_examples
+    from t5lite.data.preview import preview_examples as show_examples
     from t5lite.data.vocab import load_vocabulary
     from t5lite_tasks import demo
 
