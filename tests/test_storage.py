@@ -235,3 +235,13 @@ def test_params_checkpoint_in_a_bucket(gcs):
     np.testing.assert_array_equal(restored["dense"]["kernel"], params["dense"]["kernel"])
     with pytest.raises(UserError, match="does not fit"):
         checkpoint.restore_params(run, {"bias": jnp.zeros(5)})
+    # a save killed half-way (objects of step 9 written, no commit marker) is not the latest,
+    # and saving step 9 again replaces it
+    storage.write_atomic(f"{run}/checkpoints/9/params/_METADATA", "{half")
+    storage.write_atomic(f"{run}/checkpoints/9/_CHECKPOINT_METADATA", "{half")
+    assert checkpoint.latest_step(run) == 7
+    checkpoint.save_params(run, {"dense": {"kernel": jnp.zeros((3, 4))}, "bias": jnp.ones(4)},
+                           step=9)
+    assert checkpoint.latest_step(run) == 9
+    np.testing.assert_array_equal(checkpoint.restore_params(run, abstract)["dense"]["kernel"],
+                                  np.zeros((3, 4)))
