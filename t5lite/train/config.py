@@ -15,6 +15,7 @@ import dataclasses
 
 from t5lite.errors import ConfigError
 from t5lite.parallel.rules import RECIPES
+from t5lite.train.distill import DistillConfig
 from t5lite.train.losses import LossConfig
 from t5lite.train.optim import OptimizerConfig
 
@@ -38,6 +39,7 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     async_checkpointing: bool = True
     cache_eval_batches: bool = True  # keep the eval_steps validation batches in host memory
+    distill: DistillConfig | None = None  # knowledge distillation (gin/runs/distill.gin)
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -61,3 +63,5 @@ class TrainConfig:
             fail("optimizer must be an OptimizerConfig.")
         if not isinstance(self.loss, LossConfig):
             fail("loss must be a LossConfig.")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            fail("distill must be a DistillConfig or None.")

@@ -38,6 +38,7 @@ from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sh
                                    partitioned, tree_shardings)
 from t5lite.train.config import TrainConfig
 from t5lite.train.optim import make_optimizer
+from t5lite.train.teacher import make_distillation
 from t5lite.train.state import TrainState, abstract_with_shardings, train_state_shardings
 from t5lite.train.steps import make_apply_fn, make_eval_step, make_train_step, new_train_state
 
@@ -183,11 +184,16 @@ def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh)
         params = nnx.to_pure_dict(nnx.split(build(), nnx.Param, ...)[1])
         return new_train_state(params, tx, seed)
 
+    distill = make_distillation(tc.distill, model_config, mesh, rules)  # None without KD
     with partitioned(mesh, rules):
         apply_fn = make_apply_fn(parts["graphdef"], parts["rest"])
-        step_fn = make_train_step(apply_fn, tx, schedule, tc.loss, tc.microbatches)
-        train_step = jax.jit(step_fn, in_shardings=(shardings, None),
-                             out_shardings=(shardings, replicated), donate_argnums=(0,))
+        step_fn = make_train_step(apply_fn, tx, schedule, tc.loss, tc.microbatches,
+                                  distill.loss if distill else None)
+        if distill is None:
+            train_step = jax.jit(step_fn, in_shardings=(shardings, None),
+                                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+        else:  # the teacher's parameters are a further argument of the jitted step
+            train_step = distill.bind(step_fn, shardings, replicated)
         fresh_state = jax.jit(fresh, out_shardings=shardings)
         from_params = jax.jit(lambda p, step: new_train_state(p, tx, seed, step),
                               in_shardings=(shardings.params, None), out_shardings=shardings)

@@ -91,27 +91,40 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     learning_rate: Callable[[Any], Any], loss_config: LossConfig,
-                    microbatches: int = 1) -> Callable[[TrainState, Batch],
-                                                       tuple[TrainState, Metrics]]:
-    """`step(state, batch) -> (new_state, metrics)`; metrics are global scalars."""
+                    microbatches: int = 1, distill: Any = None
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`step(state, batch) -> (new_state, metrics)`; metrics are global scalars.
 
-    def loss_fn(params, batch, normalizer, key):
+    With `distill` (a `t5lite.train.distill.DistillLoss`) the step is
+    `step(state, batch, teacher_params)`, the optimised token sum is the distillation total
+    and the metrics gain `ce_loss`, `kd_loss`, `teacher_ce`, `distill_alpha` and
+    `distill_temperature`.
+    """
+
+    def loss_fn(params, batch, normalizer, key, teacher_params=None, step=None):
         logits, aux = apply_fn(params, batch, key)
         sums = token_loss_sums(logits, batch["decoder_target_tokens"],
                                batch["decoder_loss_weights"], loss_config)
         moe = _moe_loss(aux)
-        loss = sums["loss"] / normalizer + moe / microbatches
+        if distill is not None:
+            total, kd_sums = distill(teacher_params, batch, logits, sums["loss"], step)
+            sums = {**sums, **kd_sums}
+            loss = total / normalizer + moe / microbatches
+        else:
+            loss = sums["loss"] / normalizer + moe / microbatches
         extra = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
         return loss, (sums, extra)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch,
+             teacher_params: Any = None) -> tuple[TrainState, Metrics]:
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         normalizer = jnp.maximum(jnp.sum(weights), 1.0)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if microbatches == 1:
-            grads, (sums, aux) = grad_fn(state.params, batch, normalizer, step_key)
+            grads, (sums, aux) = grad_fn(state.params, batch, normalizer, step_key,
+                                         teacher_params, state.step)
         else:
             mbs = _split_microbatches(batch, microbatches)
 
@@ -119,7 +132,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                 acc_grads, acc_sums, acc_aux = carry
                 mb, i = xs
                 g, (s, a) = grad_fn(state.params, mb, normalizer,
-                                    jax.random.fold_in(step_key, i))
+                                    jax.random.fold_in(step_key, i), teacher_params, state.step)
                 acc_grads = jax.tree.map(jnp.add, acc_grads, g)
                 acc_sums = jax.tree.map(jnp.add, acc_sums, s)
                 acc_aux = jax.tree.map(lambda x, y: x + y / microbatches, acc_aux, a)
@@ -128,7 +141,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             first = jax.tree.map(lambda x: x[0], mbs)
             abstract = jax.eval_shape(lambda: grad_fn(state.params, first, normalizer,
-                                                      step_key)[1])
+                                                      step_key, teacher_params,
+                                                      state.step)[1])
             zeros_s, zeros_a = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
             (grads, sums, aux), _ = jax.lax.scan(
                 body, (zeros_g, zeros_s, zeros_a),
@@ -136,7 +150,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         weight = jnp.maximum(sums["weight"], 1.0)
-        loss = sums["loss"] / weight + _moe_loss(aux)
+        loss = sums.get("total", sums["loss"]) / weight + _moe_loss(aux)
         metrics = {
             "loss": loss,
             "cross_entropy": sums["nll"] / weight,
@@ -149,6 +163,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
         }
         metrics.update(aux)
+        if distill is not None:
+            metrics.update(ce_loss=sums["loss"] / weight, kd_loss=sums["kd"] / weight,
+                           teacher_ce=sums["teacher_nll"] / weight,
+                           **distill.step_metrics(state.step))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng)
         return new_state, metrics
