@@ -30,6 +30,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "vocab": ("t5lite.commands.vocab", "train a SentencePiece vocabulary"),
     "import": ("t5lite.commands.import_model", "import a Hugging Face T5 checkpoint"),
     "export": ("t5lite.commands.export_model", "export a model dir to Hugging Face transformers"),
+    "teacher-logits": ("t5lite.commands.teacher_logits",
+                       "store a distillation teacher's top-k logits of the training stream"),
     "info": ("t5lite.commands.info", "print parameter shapes, axes and counts of a gin model config"),
 }
 
@@ -37,7 +39,7 @@ VERBS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     lines = ["usage: t5lite <verb> [--flags]", "", "verbs:"]
     for verb, (_, text) in VERBS.items():
-        lines.append(f"  {verb:<8} {text}")
+        lines.append(f"  {verb:<14} {text}")
     lines.append("")
     lines.append("`t5lite <verb> --help` lists the verb's flags.")
     return "\n".join(lines)

@@ -67,13 +67,14 @@ def _library_classes() -> list[type]:
     from t5lite.data.pipeline import DataConfig
     from t5lite.parallel.mesh import MeshConfig
     from t5lite.train.config import TrainConfig
+    from t5lite.train.distill import DistillConfig
     from t5lite.train.teacher_forced_eval import EvalConfig
     from t5lite.train.losses import LossConfig
     from t5lite.train.optim import OptimizerConfig
     from t5lite.train.schedules import ScheduleConfig
 
     return [ModelConfig, MeshConfig, TrainConfig, OptimizerConfig, ScheduleConfig, LossConfig,
-            DataConfig, EvalConfig]
+            DataConfig, EvalConfig, DistillConfig]
 
 
 def register_configurables() -> None:

@@ -77,6 +77,11 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
                         f"ids) but ModelConfig.vocab_size={cfg.model_config.vocab_size}; set "
                         f"ModelConfig.vocab_size >= {vocab.vocab_size} (a multiple of 128 is "
                         "fastest).")
+    data = SeqioData(cfg.data_config)
+    if cfg.train_config.distill is not None:
+        from t5lite.train.teacher import distillation_data
+
+        data = distillation_data(cfg.train_config.distill, data, vocab, cfg.train_config)
     mesh = make_mesh(cfg.mesh_config)
     run_info = RunInfo(task=name,
                        vocabulary=getattr(vocab, "sentencepiece_model_file", ""),
@@ -87,7 +92,7 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
 
     predict_eval_fn = make_predict_eval_fn(name, dict(cfg.data_config.task_feature_lengths),
                                            mesh=mesh, rules=cfg.train_config.partitioning)
-    return train(cfg.model_config, cfg.train_config, mesh, SeqioData(cfg.data_config),
+    return train(cfg.model_config, cfg.train_config, mesh, data,
                  model_dir, run_info=run_info, operative_config=gin_setup.operative_config(),
                  console=console, predict_eval_fn=predict_eval_fn)
 

@@ -200,5 +200,20 @@ def make_distillation(config: DistillConfig | None, student: ModelConfig, mesh: 
     return Distillation(DistillLoss(config, teacher.logits), teacher)
 
 
-__all__ = ["Distillation", "Teacher", "make_distillation", "check_teacher_config", "check_teacher_vocabulary", "load_teacher",
+def distillation_data(config: DistillConfig, data: Any, vocab: Any, train_config: Any) -> Any:
+    """The command-line checks of a distillation run (vocabulary; offline logits matching the
+    stream) and its DataSource: `data` itself, or `data` plus the stored teacher logits."""
+    check_teacher_vocabulary(config.teacher_model_dir,
+                             getattr(vocab, "sentencepiece_model_file", ""),
+                             int(getattr(vocab, "extra_ids", 0)))
+    if not config.offline_logits_dir:
+        return data
+    from t5lite.train.offline_teacher import OfflineTeacherData, check_meta, stream_meta
+
+    check_meta(config.offline_logits_dir,
+               stream_meta(data.config, train_config.batch_size, config.teacher_model_dir, 0))
+    return OfflineTeacherData(data, config.offline_logits_dir)
+
+
+__all__ = ["Distillation", "distillation_data", "Teacher", "make_distillation", "check_teacher_config", "check_teacher_vocabulary", "load_teacher",
            "read_teacher_config"]
