@@ -150,3 +150,20 @@ def test_padded_teacher_vocab_is_sliced_and_smaller_vocab_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a directory"):
         _run(tmp_path, "refused2", _tc(1, DistillConfig(str(tmp_path / "nope"))))
     assert not os.path.exists(tmp_path / "refused2")
+
+
+def test_transformers_t5_brought_in_with_import_is_a_teacher(tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_import import save_random_t5
+
+    from t5lite.export.hf import import_hf
+
+    hf_dir = str(tmp_path / "hf")
+    save_random_t5(hf_dir, "v1_1", vocab_size=128, seed=0)  # padded larger than the student's
+    vocab = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks",
+                         "t5lite_tasks", "demo", "data", "demo_8k.model")
+    teacher = str(tmp_path / "imported")
+    import_hf(hf_dir, teacher, vocab=vocab)
+    out, _ = _run(tmp_path, "student", _tc(1, DistillConfig(teacher, alpha=0.5)))
+    row = _rows(out)[0]
+    assert np.isfinite(row["kd_loss"]) and row["kd_loss"] > 0 and row["teacher_ce"] > 0
