@@ -39,6 +39,7 @@ from t5lite.models import build_model, param_logical_axes
 from t5lite.parallel.rules import Rules, axes_to_pure, axis_rules, get_rules, tree_shardings
 from t5lite.train.distill import (DistillConfig, DistillLoss, prefix_lm_teacher_batch,
                                   slice_vocab)
+from t5lite.train.steps import model_forward
 
 Batch = dict[str, jax.Array]
 
@@ -146,8 +147,6 @@ def load_teacher(config: DistillConfig, student: ModelConfig, mesh: Mesh,
     decoder_only = tcfg.architecture == "decoder_only"
 
     def logits(tparams: Any, batch: Batch) -> jax.Array:
-        from t5lite.train.steps import model_forward
-
         with axis_rules(mesh, rules):
             model = nnx.merge(graphdef, tparams, rest)
             if decoder_only:
