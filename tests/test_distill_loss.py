@@ -193,3 +193,48 @@ def test_prefix_lm_teacher_batch_unpacked_rows():
     assert tb["decoder_positions"].tolist()[0][:6] == [0, 1, 2, 3, 3, 4]
     assert tb["decoder_causal_attention"].tolist() == [[1, 1, 1, 0, 1, 0, 0]]
     assert tb["decoder_segment_ids"].tolist() == [[1, 1, 1, 0, 1, 1, 0]]
+
+
+def test_offline_store_round_trip_and_refusals(tmp_path):
+    import dataclasses
+
+    from t5lite.errors import UserError
+    from t5lite.parallel.hosts import DataShard
+    from t5lite.train.offline_teacher import (OfflineTeacherData, check_meta, save_step,
+                                              stream_meta, write_meta)
+
+    @dataclasses.dataclass
+    class DC:
+        mixture_or_task_name: str = "t"
+        task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"targets": 3})
+        seed: int = 0
+        pack: bool = True
+        shuffle: bool = True
+
+    root = str(tmp_path / "logits")
+    meta = stream_meta(DC(), 2, "teacher", 4)
+    write_meta(root, meta)
+    shard = DataShard(index=0, count=1, local_batch_size=2)
+    rng = np.random.default_rng(0)
+    for pos in range(3):
+        save_step(root, shard, pos, rng.normal(size=(2, 3, 4)), rng.integers(0, 9, (2, 3, 4)),
+                  rng.normal(size=(2, 3)))
+
+    class Source:
+        def train_batches(self, shard, start):
+            i = start
+            while True:
+                yield {"decoder_target_tokens": np.full((2, 3), i)}
+                i += 1
+
+    stream = OfflineTeacherData(Source(), root).train_batches(shard, 1)  # a resumed run
+    first = next(stream)
+    assert first["decoder_target_tokens"][0, 0] == 1
+    assert first["teacher_topk_logits"].shape == (2, 3, 4)
+    next(stream)
+    with pytest.raises(UserError, match="cover fewer steps"):
+        next(stream)
+    with pytest.raises(UserError, match="seed=0 but this run has seed=1"):
+        check_meta(root, stream_meta(DC(seed=1), 2, "teacher", 4))
+    with pytest.raises(UserError, match="top-4"):
+        write_meta(root, stream_meta(DC(), 2, "teacher", 8))
