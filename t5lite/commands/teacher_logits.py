@@ -13,24 +13,26 @@ Re-running continues after the last complete step. Train with
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from absl import flags
 
-from t5lite.commands import gin_setup
+from t5lite.commands import common
 from t5lite.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-gin_setup.define_common_flags()
-flags.DEFINE_string("output_dir", None, "where the logits go (default: TEACHER_LOGITS_DIR)")
-flags.DEFINE_integer("steps", None, "how many training steps (global batches) to cover")
-flags.DEFINE_integer("top_k", 64, "logits kept per target position")
-FLAGS = flags.FLAGS
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "gin_file", "module_import",
+                        gin_file="the training run's, with gin/runs/distill.gin")
+flags.DEFINE_string("output_dir", None, "where the logits go (default: TEACHER_LOGITS_DIR)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "how many training steps (global batches) to cover "
+                     "(default: TRAIN_STEPS)", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 64, "logits kept per target position", flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+def main(gin_bindings: Sequence[str]) -> None:
     if not FLAGS.gin_file:
         raise UserError("--gin_file is required (the training run's gin files, with "
                         "gin/runs/distill.gin).")
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> None:
     from t5lite.train.offline_teacher import write_teacher_logits
     from t5lite.train.teacher import check_teacher_vocabulary
 
-    cfg = configure(FLAGS.gin_file, list(gin_setup.COMMAND_LINE_BINDINGS))
+    cfg = configure(FLAGS.gin_file, gin_bindings)
     distill = cfg.train_config.distill
     if distill is None:
         raise UserError("no distillation configured: add --gin_file=gin/runs/distill.gin and "
