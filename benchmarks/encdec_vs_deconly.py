@@ -129,7 +129,7 @@ def train_step_seconds(cfg: ModelConfig, batch: int, input_len: int, target_len:
 
     from t5lite.train.distill import prefix_lm_teacher_batch
     from t5lite.train.losses import LossConfig, token_loss_sums
-    from t5lite.train.trainer import model_forward
+    from t5lite.train.steps import model_forward
 
     rng = np.random.default_rng(0)
     enc = rng.integers(3, 8000, (batch, input_len)).astype(np.int32)
