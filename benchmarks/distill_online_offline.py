@@ -69,6 +69,7 @@ def main() -> None:
     if not os.path.isdir(teacher):
         make_teacher(teacher)
     common = ["--gin_file=gin/demo.gin", f"--gin.TRAIN_STEPS={args.steps}",
+              "--gin.ScheduleConfig.warmup_steps=0",
               f"--gin.LOG_PERIOD={args.steps}", "--gin.EVAL_STEPS=1", "--gin.EVAL_PERIOD=1000"]
     kd = ["--gin_file=gin/runs/distill.gin", f"--gin.TEACHER_MODEL_DIR={teacher}"]
     stamp = time.strftime("%H%M%S")
