@@ -157,7 +157,7 @@ def test_transformers_t5_brought_in_with_import_is_a_teacher(tmp_path):
     from t5lite.export.hf import import_hf
 
     hf_dir = str(tmp_path / "hf")
-    save_random_t5(hf_dir, "v1_1", vocab_size=128, seed=0)  # padded larger than the student's
+    save_random_t5(hf_dir, "v1_1", vocab_size=8192, seed=0)  # larger than the student's 64
     vocab = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks",
                          "t5lite_tasks", "demo", "data", "demo_8k.model")
     teacher = str(tmp_path / "imported")
