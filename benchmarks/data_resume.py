@@ -43,7 +43,7 @@ def main() -> None:
     from t5lite.data.pipeline import DataConfig, make_batch_stream
 
     config = DataConfig("demo_span_corruption", {"inputs": 128, "targets": 32},
-                        batch_size=args.batch_size)
+                        host_batch_size=args.batch_size)
     t0 = time.time()
     replayed = make_batch_stream(config, start_batch=args.batch)
     first = next(replayed)

@@ -28,7 +28,7 @@ def _equal(a: list[dict], b: list[dict]) -> bool:
 @pytest.mark.parametrize("shard_index,num_shards", [(0, 1), (1, 2)])
 def test_saved_stream_state_continues_exactly_without_replay(monkeypatch, shard_index,
                                                              num_shards):
-    config = DataConfig("demo_span_corruption", LENGTHS, batch_size=4, seed=3)
+    config = DataConfig("demo_span_corruption", LENGTHS, host_batch_size=4, seed=3)
     stream = make_batch_stream(config, shard_index=shard_index, num_shards=num_shards)
     for _ in range(5):
         next(stream)
@@ -68,7 +68,7 @@ class SpyData(SeqioData):
 def _demo_run(steps: int):
     tc, mc = resume_config(steps)
     mc = mc.replace(vocab_size=8192)
-    return tc, mc, DataConfig("demo_span_corruption", LENGTHS, batch_size=8, seed=5)
+    return tc, mc, DataConfig("demo_span_corruption", LENGTHS, host_batch_size=8, seed=5)
 
 
 def _final_params(model_dir: str, steps: int) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "train_child.py")
 TINY = ["--gin_file=gin/demo.gin", "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=1",
         "--gin.TrainConfig.keep_checkpoints=2", "--gin.EVAL_PERIOD=None",
-        "--gin.LOG_PERIOD=1", "--gin.EVAL_STEPS=1", "--gin.BATCH_SIZE=8", "--gin.PARTITIONING='fsdp'",
+        "--gin.LOG_PERIOD=1", "--gin.EVAL_STEPS=1", "--gin.ScheduleConfig.warmup_steps=1", "--gin.BATCH_SIZE=8", "--gin.PARTITIONING='fsdp'",
         "--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=-1",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
         "--gin.ModelConfig.d_model=32", "--gin.ModelConfig.num_heads=2",

@@ -42,8 +42,8 @@ class SeqioData:
                              ) -> Iterator[dict[str, np.ndarray]]:
         """The stream `train_batches(shard, 0)` would be after `position` batches, restored from
         its saved `state` (`BatchStream.save_state()`) instead of replayed."""
-        cfg = dataclasses.replace(self.config, split="train", batch_size=shard.local_batch_size,
-                                  num_epochs=None)
+        cfg = dataclasses.replace(self.config, split="train",
+                                  host_batch_size=shard.local_batch_size, num_epochs=None)
         return make_batch_stream(cfg, shard_index=shard.index, num_shards=shard.count,
                                  start_batch=position, state=state)
 
