@@ -51,7 +51,7 @@ def _env(repo_root: str, devices: int, **extra: str) -> dict[str, str]:
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
     try:
-        return [p.communicate(timeout=600) for p in procs]
+        return [p.communicate(timeout=1800) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
