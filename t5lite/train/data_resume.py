@@ -46,7 +46,8 @@ def check_data_shards(data: Any, model_dir: str, step: int | None, shard: DataSh
     sizes = sorted({size for i, count, size in saved if count == shard.count})
     if shard.count not in counts or (sizes and sizes != [shard.local_batch_size]):
         have = "/".join(map(str, counts))
-        rows = f" of {'/'.join(map(str, sizes))} rows" if sizes else ""
+        saved_rows = sorted({size for _, _, size in saved})
+        rows = f" of {'/'.join(map(str, saved_rows))} rows"
         raise checkpoint.DataStateMismatch(
             f"checkpoint step {step} in {model_dir} holds the input positions of {have} data "
             f"shard(s){rows} (hosts reading different data) but this run reads {shard.count} "
