@@ -1,10 +1,19 @@
 """Checkpoints: the only module of t5lite that talks to Orbax.
 
-Layout: `MODEL_DIR/checkpoints/<step>/` with up to three items
+Layout: `MODEL_DIR/checkpoints/<step>/` with up to four items
 
     params   the model parameters (pure dict of arrays)                  always
     train    {"opt_state": {path: array}, "step": int32, "rng": uint32[2]}  full train state only
     meta     JSON {"kind": "train" | "params", "step", "data_position", "format"}
+    data     each host's exact input position (`DataState`, t5lite.data.iterator_state), when
+             the data source can save one; a restart continues there without replaying batches
+
+Faults (see `scan` and `set_aside_broken`): a step dir with a zero-length file, unreadable
+metadata, a missing item, or a step whose arrays cannot be read, and a `<step>.orbax-checkpoint-
+tmp-*` dir left by a process that died while saving, are *broken*: readers skip them (the newest
+intact step is used) and they are moved, never deleted, to `MODEL_DIR/checkpoints_broken/` with a
+warning naming the step and what is wrong. A full disk while saving raises `DiskFullError` (one
+line naming the path and the free space); the partial write is removed, earlier steps stay.
 
 A *params-only* checkpoint (written by `save_params`, e.g. by `t5lite import`) has no `train`
 item: `t5lite eval`, inference and `init_from` read it like any other; `t5lite train` resuming
@@ -24,15 +33,24 @@ Public API used outside training::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+from orbax.checkpoint import args as ocp_args
+from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
 from t5lite import storage
+from t5lite.disk import DiskFullError, disk_full_error, is_disk_full  # noqa: F401
 from t5lite.errors import UserError
 from t5lite.model_dir import checkpoint_dir
 from t5lite.parallel.rules import path_key
@@ -59,7 +77,8 @@ def _manager(directory: str, *, keep: int | None = None, async_save: bool = Fals
                                            enable_async_checkpointing=async_save)
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "train": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
+                "meta": ocp.JsonCheckpointHandler(),
+                "data": DataStateHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -79,15 +98,266 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(getattr(v, "shape", ())) for k, v in _flat(tree).items()}
 
 
+# ---------------------------------------------------------------- the data item
+
+@dataclasses.dataclass(frozen=True)
+class DataState:
+    """One host's exact input position: its stream's saved state after `position` batches.
+
+    `shard_index` / `shard_count` say which data shard the host read (`DataShard`); hosts that
+    read the same shard (e.g. the two halves of a tensor-parallel pair) save the same state.
+    """
+
+    shard_index: int
+    shard_count: int
+    local_batch_size: int
+    position: int
+    files: dict[str, bytes]
+
+
+class DataStateMismatch(UserError):
+    """The checkpoint's data positions were written for another split of the data over hosts."""
+
+
+_DATA_META = re.compile(r"^shard-(\d+)-of-(\d+)\.p(\d+)\.json$")
+
+
+class DataStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
+    """Orbax handler of the `data` item: every process writes its own `DataState` files
+    (`shard-I-of-N.pP.json` plus the state's files), so a save is cooperative across hosts."""
+
+    async def _write(self, directory: epath.Path, state: DataState) -> None:
+        stem = f"shard-{state.shard_index}-of-{state.shard_count}.p{jax.process_index()}"
+        base = os.fspath(directory)
+        os.makedirs(base, exist_ok=True)
+        for name, payload in state.files.items():
+            with open(os.path.join(base, f"{stem}.{name}"), "wb") as f:
+                f.write(payload)
+        meta = {"position": state.position, "local_batch_size": state.local_batch_size,
+                "files": sorted(state.files)}
+        with open(os.path.join(base, f"{stem}.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+
+    async def async_save(self, directory: epath.Path, args: "DataStateSave"):
+        from orbax.checkpoint import future
+
+        return [future.CommitFutureAwaitingContractedSignals(
+            self._write(directory, args.state), name="t5lite_data_state_save")]
+
+    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+        import asyncio
+
+        asyncio.run(self._write(directory, args.state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore") -> DataState:
+        base = os.fspath(directory)
+        saved = {}
+        for name in os.listdir(base):
+            m = _DATA_META.match(name)
+            if m:
+                saved.setdefault((int(m[1]), int(m[2])), []).append((int(m[3]), name))
+        key = (args.shard_index, args.shard_count)
+        if key not in saved:
+            counts = sorted({n for _, n in saved})
+            have = "/".join(map(str, counts)) or "0"
+            raise DataStateMismatch(
+                f"checkpoint {os.path.dirname(base)} holds the input positions of {have} "
+                f"data shard(s) (hosts reading different data) but this run "
+                f"reads {args.shard_count}; the data cannot continue exactly. Resume with the "
+                "mesh and number of hosts it was written with, or start a new --model_dir with "
+                "TrainConfig.init_from pointing at this one.")
+        me = jax.process_index()
+        _, name = min(saved[key], key=lambda pn: (pn[0] != me, pn[0]))
+        with open(os.path.join(base, name), encoding="utf-8") as f:
+            meta = json.load(f)
+        stem = name[:-len(".json")]
+        files = {}
+        for fname in meta["files"]:
+            with open(os.path.join(base, f"{stem}.{fname}"), "rb") as f:
+                files[fname] = f.read()
+        return DataState(args.shard_index, args.shard_count, int(meta["local_batch_size"]),
+                         int(meta["position"]), files)
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp_args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp_args.CheckpointArgs):
+    state: DataState
+
+
+@ocp_args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp_args.CheckpointArgs):
+    shard_index: int
+    shard_count: int
+
+
+def data_state_shards(model_dir: str, step: int) -> list[tuple[int, int, int]]:
+    """(shard index, shard count, local batch size) of each input position saved with `step`;
+    empty when the checkpoint has none. Reads only small JSON files."""
+    base = os.path.join(_resolve_dir(model_dir), str(step), "data")
+    if not os.path.isdir(base):
+        return []
+    out = []
+    for name in sorted(os.listdir(base)):
+        m = _DATA_META.match(name)
+        if m:
+            size = int(_read_json_file(os.path.join(base, name))["local_batch_size"])
+            out.append((int(m[1]), int(m[2]), size))
+    return out
+
+
+# ---------------------------------------------------------------- faults: broken steps, full disk
+
+BROKEN_DIRNAME = "checkpoints_broken"
+_UNFINISHED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_REQUIRED_ITEMS = {"params": ("params",), "train": ("params", "train")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Broken:
+    """A step dir that cannot be used: its name inside the checkpoints dir and why."""
+
+    name: str
+    step: int
+    reason: str
+
+
+class BrokenCheckpointError(UserError):
+    """A checkpoint that passed the structural checks could not be read."""
+
+    def __init__(self, broken: Broken, directory: str):
+        super().__init__(f"checkpoint {directory}/{broken.name} is broken: {broken.reason}")
+        self.broken = broken
+
+
+def _read_json_file(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def step_problem(step_dir: str) -> str | None:
+    """What is wrong with a finalised step dir (cheap structural checks, no array reads), or
+    None. Checked: readable step and item metadata, the items its kind needs, no empty file."""
+    try:
+        _read_json_file(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+    except FileNotFoundError:
+        return "its _CHECKPOINT_METADATA file is missing"
+    except (ValueError, OSError) as e:
+        return f"its _CHECKPOINT_METADATA file is unreadable ({type(e).__name__})"
+    try:
+        meta = _read_json_file(os.path.join(step_dir, "meta", "metadata"))
+        kind = meta["kind"]
+    except FileNotFoundError:
+        return "its meta/metadata file is missing"
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        return f"its meta/metadata file is unreadable ({type(e).__name__})"
+    for item in _REQUIRED_ITEMS.get(kind, ("params",)):
+        try:
+            _read_json_file(os.path.join(step_dir, item, "_METADATA"))
+        except FileNotFoundError:
+            return f"its {item}/_METADATA file is missing"
+        except (ValueError, OSError) as e:
+            return f"its {item}/_METADATA file is unreadable ({type(e).__name__})"
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                return f"{os.path.relpath(path, step_dir)} is empty (0 bytes)"
+    return None
+
+
+def scan(model_dir: str, unfinished: bool = True) -> tuple[list[int], list[Broken]]:
+    """(intact steps, ascending; broken step dirs) of a model dir or checkpoints dir. Reads only.
+    `unfinished`: also list `<step>.orbax-checkpoint-tmp-*` dirs (a save that never finished)."""
+    directory = _resolve_dir(model_dir)
+    if not os.path.isdir(directory):
+        return [], []
+    intact, broken = [], []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            continue
+        if name.isdigit():
+            problem = step_problem(path)
+            if problem is None:
+                intact.append(int(name))
+            else:
+                broken.append(Broken(name, int(name), problem))
+        elif unfinished and (m := _UNFINISHED.match(name)):
+            broken.append(Broken(name, int(m[1]), "an unfinished save (the process writing it "
+                                                  "died before the checkpoint was complete)"))
+    return sorted(intact), sorted(broken, key=lambda b: (b.step, b.name))
+
+
+def broken_dir(model_dir: str) -> str:
+    """Where broken step dirs are moved: MODEL_DIR/checkpoints_broken/."""
+    directory = _resolve_dir(model_dir)
+    return os.path.join(os.path.dirname(directory), BROKEN_DIRNAME)
+
+
+def set_aside_broken(model_dir: str, unfinished: bool = True,
+                     extra: tuple[Broken, ...] = ()) -> list[Broken]:
+    """Move every broken step dir (see `scan`, plus `extra`) to MODEL_DIR/checkpoints_broken/,
+    never deleting anything, and log a warning per step naming what is wrong. All processes
+    call it; the primary one moves. Returns what was (or, on other hosts, will be) moved.
+
+    `unfinished=False` leaves `*.orbax-checkpoint-tmp-*` dirs alone: readers (`t5lite eval`)
+    use it, since a `t5lite train` writing into the same model dir may still be saving.
+    """
+    from t5lite.parallel.hosts import is_primary, sync_hosts
+
+    directory = _resolve_dir(model_dir)
+    sync_hosts("t5lite:checkpoint:before_scan")
+    broken = scan(directory, unfinished)[1] + [b for b in extra]
+    if broken and is_primary():
+        target = broken_dir(directory)
+        os.makedirs(target, exist_ok=True)
+        for b in broken:
+            source = os.path.join(directory, b.name)
+            if not os.path.exists(source):
+                continue
+            dest = os.path.join(target, b.name)
+            n = 1
+            while os.path.exists(dest):
+                n += 1
+                dest = os.path.join(target, f"{b.name}.{n}")
+            os.rename(source, dest)
+            try:
+                with open(dest + ".why.txt", "w", encoding="utf-8") as f:
+                    f.write(f"step {b.step}: {b.reason}\nmoved from {source} at "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            except OSError:
+                pass
+            log.warning("checkpoint step %d in %s is broken: %s; moved it to %s (not deleted); "
+                        "using the newest intact checkpoint instead.", b.step, directory,
+                        b.reason, dest)
+    sync_hosts("t5lite:checkpoint:after_set_aside")
+    return broken
+
+
 # ---------------------------------------------------------------- module-level API
 
 def latest_step(model_dir: str) -> int | None:
-    """The newest complete checkpoint step in `model_dir` (or a checkpoints dir), or None."""
+    """The newest intact checkpoint step in `model_dir` (or a checkpoints dir), or None; broken
+    steps (see `scan`) are skipped, not moved (local dirs; remote ones: Orbax's view)."""
     directory = _resolve_dir(model_dir)
-    if not storage.isdir(directory):
-        return None
-    with _manager(directory) as mngr:
-        return mngr.latest_step()
+    if "://" in directory:
+        if not storage.isdir(directory):
+            return None
+        with _manager(directory) as mngr:
+            return mngr.latest_step()
+    intact = scan(model_dir, unfinished=False)[0]
+    return intact[-1] if intact else None
 
 
 def checkpoint_kind(model_dir: str, step: int) -> str:
@@ -102,14 +372,20 @@ def check_params_compatible(model_dir: str, abstract_params: Any, step: int | No
     checkpoint and `abstract_params`; return the step checked."""
     directory = _resolve_dir(model_dir)
     with _manager(directory) as mngr:
-        step = mngr.latest_step() if step is None else step
+        step = latest_step(directory) if step is None else step
         if step is None:
             raise UserError(f"no checkpoint in {directory}; train one with `t5lite train` or "
                             "import one with `t5lite import`.")
         if step not in mngr.all_steps():
             raise UserError(f"no checkpoint for step {step} in {directory}; available steps: "
                             f"{list(mngr.all_steps())}.")
-        meta = mngr.item_metadata(step).get("params")
+        try:
+            meta = mngr.item_metadata(step).get("params")
+        except Exception as e:  # noqa: BLE001
+            if not _is_read_failure(e):
+                raise
+            raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
+                                               f"({_brief(e)})"), directory) from None
     saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
     wanted = _flat_shapes(_to_pure(abstract_params))
     for name in sorted(set(saved) | set(wanted)):
@@ -144,67 +420,151 @@ def _as_state_like(template: Any, pure: Any) -> Any:
     return pure
 
 
+def _brief(exc: BaseException) -> str:
+    while exc.__cause__ is not None:  # the root cause names the file
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def restore_params(model_dir: str, abstract_params: Any, shardings: Any = None,
-                   step: int | None = None) -> Any:
+                   step: int | None = None, set_aside: bool = True) -> Any:
     """Parameters of the checkpoint at `step` (default: latest) in `model_dir`.
 
     Works on full train-state and params-only checkpoints. `abstract_params` is an nnx.State
     (or pure dict) of arrays / ShapeDtypeStructs giving shapes and dtypes; `shardings` a matching
     tree of shardings (default: the first device). Returns the same kind of tree as given.
+    Without `step`, broken steps are moved aside (`set_aside_broken`, unless `set_aside=False`)
+    and the newest intact one is read; a step whose arrays cannot be read is set aside too.
     """
+    return restore_params_and_step(model_dir, abstract_params, shardings, step, set_aside)[0]
+
+
+def restore_params_and_step(model_dir: str, abstract_params: Any, shardings: Any = None,
+                            step: int | None = None, set_aside: bool = True) -> tuple[Any, int]:
+    """`restore_params` and the step it read (the newest intact one when `step` is None)."""
     directory = _resolve_dir(model_dir)
-    step = check_params_compatible(directory, abstract_params, step)
+    explicit = step is not None
+    if not explicit and set_aside:
+        set_aside_broken(directory, unfinished=False)
     pure = _to_pure(abstract_params)
     target = _abstract_targets(pure, shardings)
-    with _manager(directory) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))
-    return _as_state_like(abstract_params, restored["params"])
+    while True:
+        try:
+            step = check_params_compatible(directory, abstract_params, step)
+            try:
+                with _manager(directory) as mngr:
+                    restored = mngr.restore(step, args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(target)))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                if not _is_read_failure(e):
+                    raise
+                raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
+                                                   f"({_brief(e)})"), directory) from None
+            return _as_state_like(abstract_params, restored["params"]), step
+        except BrokenCheckpointError as e:
+            if explicit or not set_aside:
+                raise
+            set_aside_broken(directory, unfinished=False, extra=(e.broken,))
+            step = None
 
 
 def save_params(model_dir: str, params: Any, step: int = 0) -> None:
     """Write a params-only checkpoint (blocking) into `model_dir/checkpoints/<step>`."""
     directory = checkpoint_dir(_abs(model_dir))
-    with _manager(directory, create=True) as mngr:
-        mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(_to_pure(params)),
-            meta=ocp.args.JsonSave({"kind": "params", "step": int(step), "data_position": 0,
-                                    "format": FORMAT_VERSION})), force=True)
-        mngr.wait_until_finished()
+    with _disk_full_guard(directory, step):
+        with _manager(directory, create=True) as mngr:
+            mngr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(_to_pure(params)),
+                meta=ocp.args.JsonSave({"kind": "params", "step": int(step), "data_position": 0,
+                                        "format": FORMAT_VERSION})), force=True)
+            mngr.wait_until_finished()
+
+
+class _disk_full_guard:
+    """Turn a full disk during a save into `DiskFullError`, removing this process's partial
+    `<step>.orbax-checkpoint-tmp-*` dirs (the earlier, finished steps are untouched)."""
+
+    def __init__(self, directory: str, step: int | None):
+        self.directory, self.step = directory, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not is_disk_full(exc):
+            return False
+        from t5lite.parallel.hosts import is_primary
+
+        if is_primary() and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                m = _UNFINISHED.match(name)
+                if m and (self.step is None or int(m[1]) == self.step):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        where = (f"checkpoint step {self.step} to" if self.step is not None
+                 else "saving a checkpoint to")
+        raise disk_full_error(self.directory, f"writing {where}" if self.step is not None
+                              else where) from None
 
 
 # ---------------------------------------------------------------- training checkpoints
 
 class TrainCheckpointer:
-    """Saves and restores full train states (async, keep-N) for the training loop."""
+    """Saves and restores full train states (async, keep-N) for the training loop.
+
+    A full disk while saving raises `DiskFullError` from `save`, `wait` or `close` (an async
+    write fails after `save` returned); a step that cannot be read raises
+    `BrokenCheckpointError` from `restore` (call `set_aside(error)` and plan again).
+    """
 
     def __init__(self, model_dir: str, keep: int | None = None, async_save: bool = True):
         self.directory = checkpoint_dir(_abs(model_dir))
+        self._keep, self._async = keep, async_save
         self._mngr = _manager(self.directory, keep=keep, async_save=async_save, create=True)
+        self._saving: int | None = None  # the step of the save that may still be in flight
 
     def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
+        self._mngr.reload()
+        return latest_step(self.directory)
 
-    def save(self, state: Any, data_position: int) -> None:
-        """Start saving `state` (a TrainState) at its step; returns before the write ends."""
+    def save(self, state: Any, data_position: int, data_state: DataState | None = None) -> None:
+        """Start saving `state` (a TrainState) at its step, with this host's `data_state` when
+        the data source can save one; returns before the write ends."""
         step = int(jax.device_get(state.step))
         train = {"opt_state": _flat(state.opt_state), "step": state.step, "rng": state.rng}
-        self._mngr.save(step, force=True, args=ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave({"kind": "train", "step": step,
                                     "data_position": int(data_position),
-                                    "format": FORMAT_VERSION})))
+                                    "format": FORMAT_VERSION}))
+        if data_state is not None:
+            items["data"] = DataStateSave(data_state)
+        with _disk_full_guard(self.directory, self._saving):
+            self._mngr.wait_until_finished()  # the previous save's errors surface here
+        self._saving = step
+        with _disk_full_guard(self.directory, step):
+            self._mngr.save(step, force=True, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, meta) from the full checkpoint at `step`. `abstract_state` is a TrainState of
         ShapeDtypeStructs carrying the target shardings (any mesh)."""
         flat_opt = _flat(abstract_state.opt_state)
         target = {"opt_state": flat_opt, "step": abstract_state.step, "rng": abstract_state.rng}
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            train=ocp.args.StandardRestore(target),
-            meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train=ocp.args.StandardRestore(target),
+                meta=ocp.args.JsonRestore()))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not _is_read_failure(e):
+                raise
+            raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
+                                               f"({_brief(e)})"), self.directory) from None
         train = restored["train"]
         treedef = jax.tree.structure(abstract_state.opt_state)
         saved_keys = set(train["opt_state"])
@@ -218,14 +578,55 @@ class TrainCheckpointer:
                                      opt_state=opt_state, rng=train["rng"])
         return state, dict(restored["meta"])
 
+    def restore_data_state(self, step: int, shard_index: int, shard_count: int
+                           ) -> DataState | None:
+        """This host's saved input position at `step` (None: the checkpoint has none, e.g. the
+        data source cannot save one). `DataStateMismatch` when it was written for another
+        number of data shards."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+            return None
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            data=DataStateRestore(shard_index, shard_count)))
+        return restored["data"]
+
+    def set_aside(self, error: BrokenCheckpointError) -> None:
+        """Move the step of `error` (and any other broken step) aside; see `set_aside_broken`."""
+        set_aside_broken(self.directory, extra=(error.broken,))
+        self._mngr.reload()
+
+    def set_aside_broken(self) -> list[Broken]:
+        """Move every broken step dir aside (a training run owns its model dir, so unfinished
+        saves are included); call before planning where a run starts."""
+        moved = set_aside_broken(self.directory)
+        self._mngr.reload()
+        return moved
+
     def restore_meta(self, step: int) -> dict:
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        with _disk_full_guard(self.directory, self._saving):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+
+def _is_read_failure(exc: BaseException) -> bool:
+    """True for errors of reading stored arrays (a missing, empty or truncated file), as opposed
+    to a restore target that does not match the checkpoint's structure."""
+    markers = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "Error reading",
+               "error while reading", "Error opening", "No such file", "corrupt", "Truncated",
+               "truncated", "unexpected end")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OSError, EOFError)) or any(m in str(exc) for m in markers):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

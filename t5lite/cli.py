@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import NoReturn
@@ -121,6 +122,16 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
                 module.main()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:  # a full disk anywhere else (run files, TensorBoard, exports)
+            import errno
+
+            if e.errno != errno.ENOSPC:
+                raise
+            from t5lite.disk import disk_full_error
+
+            print(f"error: {disk_full_error(e.filename or os.getcwd(), 'writing')}",
+                  file=sys.stderr)
             sys.exit(2)
 
     flags.FLAGS.append_flag_values(verb_flags)

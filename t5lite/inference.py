@@ -107,12 +107,14 @@ def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = N
     if mesh is not None:
         shardings = tree_shardings(axes_to_pure(param_logical_axes(abstract_params)),
                                    nnx.to_pure_dict(abstract_params), mesh, get_rules(rules))
-    params = checkpoint.restore_params(model_dir, abstract_params, shardings, step=step)
+    # without `step`: the newest intact checkpoint (broken ones are set aside with a warning)
+    params, used = checkpoint.restore_params_and_step(model_dir, abstract_params, shardings,
+                                                      step=step)
     rest = abstract_rest
     if jax.tree.leaves(abstract_rest):  # non-parameter state (e.g. RNG counters): build for real
         rest = jax.jit(lambda: nnx.split(build_model(cfg, rngs=nnx.Rngs(params=0)),
                                          nnx.Param, ...)[2])()
-    return nnx.merge(graphdef, params, rest), (found if step is None else step)
+    return nnx.merge(graphdef, params, rest), used
 
 
 def _decode_cache(model, inputs: int, max_len: int, config: DecodeConfig, rows: int):

@@ -8,10 +8,13 @@ Example::
     batch = next(stream)       # {"encoder_input_tokens": int32[8, 512], ...}
     stream.batches_consumed    # 1 -> checkpoint this; make_batch_stream(..., start_batch=1)
                                #      continues with exactly the batch a fresh stream yields 2nd
+    files = stream.save_state()  # or this: make_batch_stream(..., start_batch=1, state=files)
+                                 # continues there without replaying (t5lite.data.iterator_state)
 
 Determinism: with `seed` set, a stream is a pure function of (config, shard_index, num_shards).
-`start_batch=k` rebuilds the stream and skips k batches inside tf.data (the skipped batches are
-still computed, at pipeline speed, but never leave tf.data). Hosts read disjoint shards
+`start_batch=k` alone rebuilds the stream and skips k batches inside tf.data (the skipped
+batches are still computed, at pipeline speed, but never leave tf.data); with the `state` saved
+at batch k it restores the iterator instead, in seconds whatever k is. Hosts read disjoint shards
 (`seqio.ShardInfo`); when the task's source shards before it shuffles, each host also gets its
 own seed for the random corruption, so hosts do not repeat one another's noise masks.
 """
@@ -24,6 +27,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from t5lite.data.iterator_state import exact_resume_options, restore_iterator, save_iterator
 from t5lite.errors import ConfigError
 
 # seqio and TensorFlow (~10 s to import) are imported inside the functions that build data, so
@@ -175,10 +179,7 @@ def build_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int =
                 num_parallel_calls=tf.data.AUTOTUNE)
     if start_batch:
         ds = ds.skip(start_batch)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return exact_resume_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def _pad_rows(batch_size: int):
@@ -198,10 +199,18 @@ def _pad_rows(batch_size: int):
 class BatchStream(Iterator[dict[str, np.ndarray]]):
     """An iterator of fixed-shape int32 NumPy batches that knows its position."""
 
-    def __init__(self, dataset: tf.data.Dataset, start_batch: int) -> None:
+    def __init__(self, dataset: tf.data.Dataset, start_batch: int,
+                 state: dict[str, bytes] | None = None) -> None:
         self._dataset = dataset
-        self._iterator = dataset.as_numpy_iterator()
+        self._iterator = iter(dataset)
+        if state is not None:
+            restore_iterator(self._iterator, state)
         self._consumed = start_batch
+
+    def save_state(self) -> dict[str, bytes]:
+        """The exact position of this stream (tf.data iterator state, shuffle buffers included):
+        pass it back with `start_batch=batches_consumed` to continue without replaying."""
+        return save_iterator(self._iterator)
 
     @property
     def batches_consumed(self) -> int:
@@ -219,11 +228,14 @@ class BatchStream(Iterator[dict[str, np.ndarray]]):
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)
         self._consumed += 1
-        return batch
+        return {k: v.numpy() for k, v in batch.items()}
 
 
 def make_batch_stream(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
-                      start_batch: int = 0) -> BatchStream:
-    """Batches of this host's shard, from batch `start_batch` on (see module docstring)."""
-    return BatchStream(build_dataset(config, shard_index=shard_index, num_shards=num_shards,
-                                     start_batch=start_batch), start_batch)
+                      start_batch: int = 0, state: dict[str, bytes] | None = None
+                      ) -> BatchStream:
+    """Batches of this host's shard, from batch `start_batch` on (see module docstring); with
+    `state` (from `save_state()` at batch `start_batch`) by restoring instead of replaying."""
+    dataset = build_dataset(config, shard_index=shard_index, num_shards=num_shards,
+                            start_batch=0 if state is not None else start_batch)
+    return BatchStream(dataset, start_batch, state)

@@ -38,6 +38,15 @@ class SeqioData:
         return make_batch_stream(cfg, shard_index=shard.index, num_shards=shard.count,
                                  start_batch=start_batch)
 
+    def resume_train_batches(self, shard: DataShard, position: int, state: dict[str, bytes]
+                             ) -> Iterator[dict[str, np.ndarray]]:
+        """The stream `train_batches(shard, 0)` would be after `position` batches, restored from
+        its saved `state` (`BatchStream.save_state()`) instead of replayed."""
+        cfg = dataclasses.replace(self.config, split="train",
+                                  host_batch_size=shard.local_batch_size, num_epochs=None)
+        return make_batch_stream(cfg, shard_index=shard.index, num_shards=shard.count,
+                                 start_batch=position, state=state)
+
     def eval_batches(self, shard: DataShard) -> Iterable[dict[str, np.ndarray]] | None:
         if self.eval_split is None:
             return None

@@ -33,13 +33,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from t5lite import checkpoint, storage
+from t5lite import checkpoint, disk, storage
 from t5lite import model_dir as md
 from t5lite.config import ModelConfig, check_feature_converter
 from t5lite.errors import UserError
 from t5lite.inference_eval import PredictEvalFn
 from t5lite.parallel.hosts import (DataShard, any_host, data_shard_info, host_to_global,
                                    is_primary, sync_hosts)
+from t5lite.train import data_resume
 from t5lite.train.config import TrainConfig
 from t5lite.train.flops import device_peak_flops, train_flops_per_step
 from t5lite.train.metrics import MetricsWriter, ProgressBar, format_duration
@@ -153,25 +154,52 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
     # Every host must take the same decision from the same file-system state: the barriers keep
     # the primary host from creating model_dir/checkpoints while another host is still looking.
     sync_hosts("t5lite:train:before_plan")
-    plan = plan_start(setup, model_dir, tc.init_from)  # validates before anything is written
+    plan = _plan(setup, model_dir, tc.init_from)  # validates before anything is written
+    shard = data_shard_info(setup.batch_sharding, tc.batch_size)
+    data_resume.check_data_shards(data, model_dir, _resume_step(plan), shard)
     sync_hosts("t5lite:train:after_plan")
     if primary:
-        storage.makedirs(model_dir)
-        write_model_dir_files(model_dir, setup, run_info, operative_config)
+        with disk.writing(model_dir, "writing the run files (model_config.json, ...) in"):
+            storage.makedirs(model_dir)
+            write_model_dir_files(model_dir, setup, run_info, operative_config)
     ckpt = checkpoint.TrainCheckpointer(model_dir, keep=tc.keep_checkpoints,
                                         async_save=tc.async_checkpointing)
     writer = MetricsWriter(model_dir, enabled=primary)
     bar = ProgressBar(tc.train_steps, enabled=primary and console)
     try:
+        ckpt.set_aside_broken()  # broken / unfinished steps -> checkpoints_broken/, warned
+        while True:
+            try:
+                state, data_position = load_start(setup, plan, ckpt)
+                break
+            except checkpoint.BrokenCheckpointError as e:  # arrays unreadable: next older step
+                ckpt.set_aside(e)
+                plan = _plan(setup, model_dir, tc.init_from)
+                data_resume.check_data_shards(data, model_dir, _resume_step(plan), shard)
         bar.message(f"t5lite train: {plan.reason}")
         log.info("start: %s", plan.reason)
-        state, data_position = load_start(setup, plan, ckpt)
         run = _Run(setup, state, data_position, plan, data, ckpt, writer, bar, predict_eval_fn)
         return run.run(t_start)
     finally:
         ckpt.close()
         writer.close()
         bar.close()
+
+
+def _plan(setup: TrainSetup, model_dir: str, init_from: str | None) -> StartPlan:
+    """`plan_start`, skipping (and setting aside) a newest step whose arrays are unreadable."""
+    while True:
+        try:
+            return plan_start(setup, model_dir, init_from)
+        except checkpoint.BrokenCheckpointError as e:
+            if not os.path.isdir(os.path.join(md.checkpoint_dir(model_dir), e.broken.name)):
+                raise  # a broken init_from checkpoint: not ours to move
+            checkpoint.set_aside_broken(model_dir, extra=(e.broken,))
+
+
+def _resume_step(plan: StartPlan) -> int | None:
+    """The checkpoint step whose data position the run continues from (None: from batch 0)."""
+    return plan.step if plan.source == "checkpoint" else None
 
 
 class _Throughput:
@@ -246,7 +274,8 @@ class _Run:
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
-        self.train_iter = (data.train_batches(self.shard, data_position)
+        self.train_iter = (data_resume.open_train_stream(data, self.shard, data_position, ckpt,
+                                                         _resume_step(plan))
                            if self.step < self.tc.train_steps else None)
 
     # ------------------------------------------------------------------ the loop
@@ -353,7 +382,8 @@ class _Run:
     def _save(self) -> None:
         self._fetch_metrics()
         if self.last_saved != self.step:
-            self.ckpt.save(self.state, self.data_position)
+            self.ckpt.save(self.state, self.data_position,
+                           data_resume.snapshot(self.train_iter, self.shard, self.data_position))
             self.writer.flush()  # gs:// metrics segments: persisted with each checkpoint
             self.last_saved = self.step
 

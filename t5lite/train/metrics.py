@@ -11,6 +11,7 @@ run continues it. Only the primary host writes.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -39,16 +40,19 @@ class MetricsWriter:
         self._tb = None
         self._log = None
         if enabled:
-            storage.makedirs(model_dir)
-            # local: appended per record; gs://: buffered segment objects (t5lite.storage)
-            self._log = storage.AppendLog(self._path)
-            if tensorboard:
-                from tensorboardX import SummaryWriter
+            from t5lite.disk import writing
 
-                storage.register_tensorboard_writer()  # gs:// event files as segment objects
+            with writing(os.path.join(model_dir, TENSORBOARD_SUBDIR), "creating"):
+                storage.makedirs(model_dir)
+                # local: appended per record; gs://: buffered segment objects (t5lite.storage)
+                self._log = storage.AppendLog(self._path)
+                if tensorboard:
+                    from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(model_dir, TENSORBOARD_SUBDIR),
-                                         flush_secs=30)
+                    storage.register_tensorboard_writer()  # gs:// event files as segment objects
+
+                    self._tb = SummaryWriter(os.path.join(model_dir, TENSORBOARD_SUBDIR),
+                                             flush_secs=30)
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -56,25 +60,64 @@ class MetricsWriter:
         record = {"step": int(step), "split": split}
         record.update({k: _clean(v) for k, v in metrics.items()})
         record["time"] = round(time.time(), 3)
-        self._log.write(json.dumps(record, sort_keys=False) + "\n")
+        from t5lite.disk import writing
+
+        with writing(self._path, "appending metrics to"):
+            self._log.write(json.dumps(record, sort_keys=False) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key in ("step", "split", "time") or not isinstance(value, (int, float)):
                     continue
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
 
+    def _append_line(self, line: str) -> None:
+        """Append one whole line: on a full disk, cut the file back to its last complete line
+        (so metrics.jsonl stays readable) and raise DiskFullError naming the path."""
+        data = line.encode("utf-8")
+        with open(self._path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(data)
+                f.flush()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                try:
+                    f.truncate(size)
+                except OSError:
+                    pass
+                raise _disk_full(self._path, "appending metrics to") from None
+
     def flush(self) -> None:
         if self._log is not None:
             self._log.flush()
         if self._tb is not None:
-            self._tb.flush()
+            try:
+                self._tb.flush()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise _disk_full(os.path.dirname(self._path), "writing TensorBoard events in"
+                                 ) from None
 
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise _disk_full(os.path.dirname(self._path), "writing TensorBoard events in"
+                                 ) from None
+
+
+def _disk_full(path: str, what: str):
+    from t5lite.disk import disk_full_error
+
+    return disk_full_error(path, what)
 
 
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:

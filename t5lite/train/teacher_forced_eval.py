@@ -173,8 +173,9 @@ def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any
         raise UserError(f"no checkpoint in {model_dir}; train one with `t5lite train`.")
     mesh = make_mesh(mesh_config)
     setup = make_eval_setup(model_config, mesh, eval_config.partitioning, eval_config.batch_size)
-    params = checkpoint.restore_params(model_dir, setup.abstract_params, setup.param_shardings,
-                                       step)
+    # without an explicit step: the newest intact checkpoint (broken ones are set aside)
+    params, step = checkpoint.restore_params_and_step(
+        model_dir, setup.abstract_params, setup.param_shardings, eval_config.step)
     data = SeqioData(DataConfig(task, lengths, split=eval_config.split,
                                 feature_converter=run_info.feature_converter),
                      eval_split=eval_config.split)

@@ -1,0 +1,134 @@
+"""A full disk while saving a checkpoint or writing metrics: one error naming the path and the
+free space, earlier checkpoints intact and loadable, nothing left behind that breaks the next
+start. Runs on a size-limited tmpfs (needs root to mount; skipped otherwise)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import uuid
+
+import jax
+import numpy as np
+import pytest
+
+from t5lite import checkpoint
+from t5lite.parallel.mesh import MeshConfig, make_mesh
+from t5lite.train.loop import train
+from t5lite.train.metrics import MetricsWriter, read_metrics
+from t5lite.train.setup import make_setup
+from train_fixtures import SyntheticData, resume_config
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs mounted at tmp_path/disk (unmounted afterwards)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: str, leave: int = 0) -> str:
+    """Fill the file system of `directory` up to `leave` free bytes; returns the filler path."""
+    path = os.path.join(directory, f"filler-{uuid.uuid4().hex}")
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 4096, 1):
+            while shutil.disk_usage(directory).free > leave + chunk:
+                try:
+                    f.write(b"\0" * chunk)
+                except OSError:
+                    break
+    return path
+
+
+def _fill_completely(directory: str) -> str:
+    path = _fill(directory)
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0")
+            except OSError:
+                return path
+
+
+def _config(steps: int):
+    tc, mc = resume_config(steps)
+    return dataclasses.replace(tc, checkpoint_period=1), mc
+
+
+def _run(model_dir: str, steps: int):
+    tc, mc = _config(steps)
+    return train(mc, tc, make_mesh(MeshConfig(data=-1)),
+                 SyntheticData(tc.batch_size, eval_batches=0), model_dir, console=False)
+
+
+def test_disk_full_during_a_checkpoint_save(small_disk):
+    model_dir = os.path.join(small_disk, "run")
+    _run(model_dir, 1)
+    ckpts = os.path.join(model_dir, "checkpoints")
+    one = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ckpts) for f in fs)
+    filler = _fill(small_disk, leave=one // 3)  # room for metrics lines, not a checkpoint
+
+    with pytest.raises(checkpoint.DiskFullError) as err:
+        _run(model_dir, 3)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"checkpoint step 2 to {ckpts}" in message and " free)" in message
+    # the earlier checkpoint is intact and loadable; the partial save is gone
+    assert sorted(os.listdir(ckpts)) == ["1"]
+    assert checkpoint.latest_step(model_dir) == 1
+    tc, mc = _config(3)
+    setup = make_setup(mc, tc, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    checkpoint.restore_params(model_dir, setup.abstract_state.params)
+    read_metrics(model_dir)  # still parses
+
+    os.remove(filler)  # space again: the same command continues from step 1 and finishes
+    result = _run(model_dir, 3)
+    assert "resuming from the checkpoint of step 1" in result.start and result.step == 3
+
+
+def test_disk_full_while_appending_metrics(small_disk):
+    model_dir = os.path.join(small_disk, "run")
+    writer = MetricsWriter(model_dir, tensorboard=False)
+    writer.write(1, "train", {"loss": 1.0})
+    with open(os.path.join(model_dir, "metrics.jsonl"), "ab") as f:  # end on a page boundary
+        f.write(b" " * (4096 - f.tell() % 4096 - 1) + b"\n")
+    _fill_completely(small_disk)
+    with pytest.raises(checkpoint.DiskFullError) as err:
+        writer.write(2, "train", {"loss": 0.5, "note": "x" * 5000})
+    message = str(err.value)
+    assert os.path.join(model_dir, "metrics.jsonl") in message and " free)" in message
+    assert [r["step"] for r in read_metrics(model_dir)] == [1]  # no half-written line
+
+
+def test_the_cli_reports_a_full_disk_as_one_error_line(small_disk, tmp_path, repo_root):
+    """A raw ENOSPC anywhere under a command (here: the run files at start) is one line."""
+    import sys
+
+    model_dir = os.path.join(small_disk, "run")
+    _fill_completely(small_disk)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.path.join(repo_root,
+                                                                                "tasks")]))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "t5lite.cli", "train", "--gin_file=gin/demo.gin",
+         f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=1", "--gin.ModelConfig.num_encoder_layers=1",
+         "--gin.ModelConfig.num_decoder_layers=1", "--gin.ModelConfig.d_model=32",
+         "--gin.ModelConfig.d_ff=64", "--gin.ModelConfig.num_heads=2",
+         "--gin.ModelConfig.head_dim=16"],
+        capture_output=True, text=True, cwd=repo_root, env=env, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "no space left on the device" in errors[0] and " free)" in errors[0]
+    assert "Traceback" not in proc.stderr
