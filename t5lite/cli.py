@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("t5lite.commands.import_model", "import a Hugging Face T5 checkpoint"),
     "export": ("t5lite.commands.export_model", "export a model dir to Hugging Face transformers"),
     "info": ("t5lite.commands.info", "print parameter shapes, axes and counts of a gin model config"),
+    "plan": ("t5lite.commands.plan", "compile the train step for a TPU slice: memory per device, fit, FLOPs, collectives"),
 }
 
 
