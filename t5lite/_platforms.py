@@ -28,7 +28,10 @@ def keep_jax_off_absent_tpus() -> bool:
     """Disarm JAX's TPU backend on a TPU-less host with libtpu installed; True if disarmed."""
     if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
         return False
-    if importlib.util.find_spec("libtpu") is None:
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            return False
+    except (ImportError, ValueError):
         return False
     from jax._src import hardware_utils, xla_bridge
 

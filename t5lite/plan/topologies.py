@@ -140,7 +140,12 @@ def _silence_libtpu_host_probe() -> None:
 def libtpu_available() -> bool:
     import importlib.util
 
-    return bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        return True
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def target_devices(topo: Topology) -> list:
