@@ -189,7 +189,7 @@ def test_cli_search_batch_size_cpu(repo_root, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--topology=v9-8"], "unknown topology 'v9-8'"),
-    (["--topology=cpu:8", "--gin.MeshConfig.data=3"], "does not divide 8 devices"),
+    (["--topology=cpu:8", "--gin.MeshConfig.tensor=3"], "does not divide 8 devices"),
     (["--topology=cpu:8", "--gin.BATCH_SIZE=12"], "not divisible"),
     (["--topology=cpu:2", "--partitioning=zero"], "--partitioning='zero' is not one of"),
     (["--topology=cpu:2", "--search=speed"], "--search='speed' is not one of"),

@@ -97,7 +97,7 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
                         else hbm_bytes - per_device["peak_bytes"]),
         model_flops_per_step=fwd * batch_size * rows, compiler_flops_per_device=flops,
         collective_bytes=collectives, lower_seconds=round(lower_s, 2),
-        compile_seconds=round(compile_s, 2),
+        compile_seconds=round(compile_s[0], 2), compile_cpu_seconds=round(compile_s[1], 2),
         note=note or (f"decode {method}: {batch_size} inputs x {input_length} tokens -> "
                       f"{max_decode_len} tokens; model FLOPs = one teacher-forced forward pass"))
 

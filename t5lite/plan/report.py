@@ -66,7 +66,7 @@ def detail(r: PlanResult) -> str:
         lines.append("  collectives per device per step: " + ", ".join(
             f"{k} {human(r.collective_bytes.get(k, 0))}" for k in KINDS))
     lines.append(f"  compile: {r.lower_seconds:.1f} s tracing + {r.compile_seconds:.1f} s "
-                 "compiling")
+                 f"compiling (wall clock; {r.compile_cpu_seconds:.1f} s of CPU time)")
     if r.note:
         lines.append(f"  note: {r.note}")
     return "\n".join(lines)

@@ -130,8 +130,11 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 
 def _silence_libtpu_host_probe() -> None:
     """libtpu asks the (absent) TPU VM metadata for its host's type and workers and prints
-    warnings when they are missing; compile-only use needs neither."""
+    warnings when they are missing, and takes a machine-wide lock (/tmp/libtpu_lockfile) that
+    stops a second process from loading it; compile-only use needs none of this, so several
+    plans (or test processes) may run at once."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
