@@ -1,11 +1,17 @@
 """Collective traffic of a compiled (SPMD-partitioned, per-device) HLO module.
 
 `collective_bytes(hlo_text)` sums, per collective kind, the bytes each device moves per step:
-for every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute
-instruction, the size of its largest array (an all-gather's gathered result, a
-reduce-scatter's full input, an all-reduce's buffer), times how often it runs: instructions in
-the body of a `while` loop with a known trip count (scanned layers, microbatches) count once per
-iteration. Async pairs (`all-gather-start` / `-done`) count once, at the start.
+for every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute, the size
+of its data (an all-gather's gathered result, a reduce-scatter's full input, an all-reduce's
+buffers — all elements of a tuple), times how often it runs: instructions in the body of a
+`while` loop (scanned layers, microbatches) count once per iteration. The TPU compiler splits an async collective into start / done fusions that each
+hold a copy of the op with the same `channel_id`: each channel counts once (at its most frequent
+place). The trip count is the
+loop's `known_trip_count` when the compiler records it, else the integer bound its condition
+compares the counter with (`i < N`, the form `lax.scan` produces). Async pairs
+(`all-gather-start` / `-done`) count once, at the start. The TPU compiler writes a
+reduce-scatter as a fusion named `all-reduce-scatter...` (an all-reduce and a dynamic slice):
+it counts as a reduce-scatter of the all-reduce's input.
 
 Example::
 
@@ -32,7 +38,8 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMP_HEAD = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|"
-                    r"called_computations)=\{?([%\w.\-, ]+)\}?")
+                    r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 
 
@@ -56,6 +63,22 @@ def _kind(opcode: str) -> str | None:
     return None
 
 
+_INT_CONST = re.compile(r"[su](?:8|16|32|64)\[\][^=]*?constant\((\d+)\)")
+_REDUCE_SCATTER_FUSION = "all-reduce-scatter"
+
+
+def _trip_count(rest: str, comps: dict) -> int:
+    t = _TRIP.search(rest)
+    if t:
+        return int(t.group(1))
+    m = re.search(r"condition=%?([\w.\-]+)", rest)
+    if not m or m.group(1) not in comps:
+        return 1
+    bounds = [int(c) for _, result, tail in comps[m.group(1)]
+              for c in _INT_CONST.findall(f"{result} constant({tail}")] or [1]
+    return max(bounds)
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes per device per step for each collective kind (see module doc)."""
     comps: dict[str, list[tuple[str, str, str]]] = {}
@@ -64,7 +87,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     for line in hlo_text.splitlines():
         if current is None:
             m = _COMP_HEAD.match(line)
-            if m and "=" not in line.split("(")[0]:
+            if m:
                 current = m.group(2)
                 comps[current] = []
                 if m.group(1):
@@ -82,12 +105,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name, instrs in comps.items():
         for opcode, _, rest in instrs:
-            trip = 1
-            if opcode == "while":
-                t = _TRIP.search(rest)
-                trip = int(t.group(1)) if t else 1
+            trip = _trip_count(rest, comps) if opcode == "while" else 1
             for group in _CALLS.findall(rest):
-                for callee in group.split(","):
+                for callee in group.strip("{}").split(","):
                     callee = callee.strip().lstrip("%")
                     if callee in comps:
                         edges[name].append((callee, trip))
@@ -109,15 +129,40 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         for callee, trip in edges[name]:
             times[callee] += times[name] * trip
     totals = {k: 0 for k in KINDS}
+    by_channel: dict[tuple[str, str], tuple[int, int]] = {}  # (kind, channel) -> (size, times)
+
+    def add(kind: str, size: int, rest: str, n: int) -> None:
+        channel = _CHANNEL.search(rest)
+        if channel is None:
+            totals[kind] += size * n
+            return
+        old = by_channel.get((kind, channel.group(1)), (0, 0))
+        by_channel[(kind, channel.group(1))] = (max(size, old[0]), max(n, old[1]))
+
     for name, instrs in comps.items():
-        if not times.get(name):
+        if not times.get(name) or name.startswith(_REDUCE_SCATTER_FUSION):
             continue
         for opcode, result, rest in instrs:
+            called = re.search(r"calls=%?([\w.\-]+)", rest) if opcode == "fusion" else None
+            if called and called.group(1).startswith(_REDUCE_SCATTER_FUSION):
+                inner = [r for op, r, _ in comps.get(called.group(1), []) if op == "all-reduce"]
+                inner_rests = [rest_ for op, _, rest_ in comps.get(called.group(1), [])
+                               if op == "all-reduce"]
+                add("reduce-scatter", sum(sum(_array_bytes(r)) for r in inner),
+                    inner_rests[0] if inner_rests else "", times[name])
+                continue
             kind = _kind(opcode)
             if kind is None:
                 continue
-            operands = rest.split("),")[0]
-            sizes = _array_bytes(result) + _array_bytes(operands)
-            if sizes:
-                totals[kind] += max(sizes) * times[name]
+            results = _array_bytes(result)
+            operands = _array_bytes(rest.split("),")[0])
+            if opcode.endswith("-start"):  # (operand, output) tuples: the larger one
+                size = max(results + operands, default=0)
+            elif kind == "reduce-scatter":
+                size = max(sum(results), sum(operands))
+            else:
+                size = sum(results)
+            add(kind, size, rest, times[name])
+    for (kind, _), (size, n) in by_channel.items():
+        totals[kind] += size * n
     return totals
