@@ -94,8 +94,11 @@ def test_collective_bytes_counts_loop_trips_and_async_once():
 
 
 def test_parse_hbm_oom():
-    used, cap = parse_hbm_oom("Ran out of memory in memory space hbm. Used 45.20G of 31.25G hbm.")
-    assert used == int(45.2 * 2**30) and cap == int(31.25 * 2**30)
+    got = parse_hbm_oom("Ran out of memory in memory space hbm. Used 45.20G of 31.25G hbm.")
+    assert got == {"used": int(45.2 * 2**30), "capacity": int(31.25 * 2**30)}
+    got = parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                        "for HLO temporaries (95.04G) exceeds available HBM (30.75G).")
+    assert got == {"temp": int(95.04 * 2**30), "capacity": int(30.75 * 2**30)}
     assert parse_hbm_oom("some other error") is None
 
 

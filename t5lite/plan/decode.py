@@ -74,11 +74,11 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
             with axis_rules(mesh, rules):
                 return gen._jitted.lower(gen._state, tokens, lengths, rng, config=config)
 
-    memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-        lower, hbm_bytes)
     per_device: dict[str, int | None] = {
         "params_bytes": sharded_bytes(sds), "optimizer_bytes": 0,
         "cache_bytes": -(-cache_bytes // split), "batch_bytes": sharded_bytes([tokens, lengths])}
+    memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
+        lower, hbm_bytes, per_device["params_bytes"] + per_device["batch_bytes"])
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     from t5lite.train.flops import forward_flops_per_example

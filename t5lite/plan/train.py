@@ -74,23 +74,35 @@ def sharded_bytes(tree: Any) -> int:
     return total
 
 
-_HBM_OOM = re.compile(r"Used ([0-9.]+)([KMGT]?)i?B? of ([0-9.]+)([KMGT]?)i?B? hbm", re.I)
+_SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
+_HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.I)
+_HBM_TEMP = re.compile(rf"required for HLO temporaries \({_SIZE}\) exceeds available HBM "
+                       rf"\({_SIZE}\)", re.I)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def parse_hbm_oom(message: str) -> tuple[int, int] | None:
-    """(used, capacity) bytes from the TPU compiler's out-of-HBM error, or None.
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def parse_hbm_oom(message: str) -> dict[str, int] | None:
+    """What the TPU compiler's out-of-HBM error says: {"used" or "temp": bytes, "capacity":
+    bytes}, or None for other errors.
 
     >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 45.20G "
     ...               "of 31.25G hbm. Exceeded hbm capacity by 13.95G.")
-    (48533130035, 33554432000)
+    {'used': 48533130444, 'capacity': 33554432000}
+    >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+    ...               "for HLO temporaries (95.04G) exceeds available HBM (30.75G).")
+    {'temp': 102048422952, 'capacity': 33017561088}
     """
-    m = _HBM_OOM.search(message)
-    if not m:
-        return None
-    used = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    cap = int(float(m.group(3)) * _UNITS[m.group(4).upper()])
-    return used, cap
+    m = _HBM_USED.search(message)
+    if m:
+        return {"used": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
+    m = _HBM_TEMP.search(message)
+    if m:
+        return {"temp": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
+    return None
 
 
 def abstract_batch(feature_lengths: dict[str, int], batch_size: int, batch_sharding) -> dict:
@@ -115,9 +127,10 @@ def model_flops(model_config: ModelConfig, feature_lengths: dict[str, int],
                                 feature_lengths["decoder_target_tokens"])
 
 
-def compile_and_measure(lower_fn, hbm_bytes: int | None):
+def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0):
     """(memory dict, fits, flops, collectives, lower s, (compile s, compile CPU s), note) of one
-    compile."""
+    compile. `argument_bytes` (what the arguments hold per device, from their shardings) completes
+    the peak when the compiler only reports the temporaries that did not fit."""
     t0 = time.perf_counter()
     lowered = lower_fn()
     t1 = time.perf_counter()
@@ -131,10 +144,11 @@ def compile_and_measure(lower_fn, hbm_bytes: int | None):
         oom = parse_hbm_oom(str(e))
         if oom is None:
             raise
-        used, cap = oom
         first = next((ln for ln in str(e).splitlines() if "hbm" in ln.lower()), str(e))
+        temp = oom.get("temp")
+        peak = oom["used"] if "used" in oom else argument_bytes + temp
         memory = {"argument_bytes": None, "output_bytes": None, "alias_bytes": None,
-                  "temp_bytes": None, "generated_code_bytes": None, "peak_bytes": used}
+                  "temp_bytes": temp, "generated_code_bytes": None, "peak_bytes": peak}
         return (memory, False, None, {}, t1 - t0, (t2 - t1, cpu),
                 f"the TPU compiler ran out of HBM: {first.strip()[:300]}")
     t2 = time.perf_counter()
@@ -175,7 +189,7 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
         "batch_bytes": sharded_bytes(batch),
     }
     memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-        lambda: setup.train_step.lower(state, batch), hbm_bytes)
+        lambda: setup.train_step.lower(state, batch), hbm_bytes, sum(per_device.values()))
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     return PlanResult(
