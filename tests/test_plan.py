@@ -93,6 +93,56 @@ def test_collective_bytes_counts_loop_trips_and_async_once():
     assert got["all-to-all"] == 0
 
 
+# The TPU compiler's forms: async collectives as start/done fusions holding copies of the op
+# (same channel), reduce-scatter as an `all-reduce-scatter` fusion, loops without trip counts.
+TPU_HLO = """HloModule m
+
+%fused_start (param_0: bf16[64,256]) -> bf16[256,256] {
+  %param_0 = bf16[64,256]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %all-gather.1 = bf16[256,256]{1,0:T(8,128)(2,1)} all-gather(%param_0), channel_id=7, dimensions={0}
+}
+
+%fused_done (param_0.1: bf16[64,256]) -> bf16[256,256] {
+  %param_0.1 = bf16[64,256]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[256,256]{1,0} all-gather(%param_0.1), channel_id=7, dimensions={0}
+}
+
+%all-reduce-scatter.3.clone (input_0: f32[256,256]) -> f32[64,256] {
+  %input_0 = f32[256,256]{1,0} parameter(0)
+  %all-reduce.9 = (f32[256,256]{1,0:T(8,128)}) all-reduce(%input_0), channel_id=8, to_apply=%add
+  ROOT %ds = f32[64,256]{1,0} dynamic-slice(%all-reduce.9, %c, %c), dynamic_slice_sizes={64,256}
+}
+
+%body (p: (s32[], bf16[64,256])) -> (s32[], bf16[64,256]) {
+  %p = (s32[], bf16[64,256]) parameter(0)
+  %async-collective-start = bf16[256,256]{1,0} fusion(%x), kind=kCustom, calls=%fused_start
+  %async-collective-done = bf16[256,256]{1,0} fusion(%x), kind=kCustom, calls=%fused_done
+  %fusion.4 = f32[64,256]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.3.clone
+  ROOT %t = (s32[], bf16[64,256]) tuple(%i, %x)
+}
+
+%cond (p.1: (s32[], bf16[64,256])) -> pred[] {
+  %constant.5 = s32[]{:T(128)} constant(24)
+  %p.1 = (s32[], bf16[64,256]) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.5), direction=LT
+}
+
+ENTRY %main.1_spmd (a: bf16[64,256]) -> bf16[64,256] {
+  %a = bf16[64,256]{1,0} parameter(0)
+  %w = (s32[], bf16[64,256]) while(%t0), condition=%cond, body=%body, metadata={op_name="while"}
+  ROOT %r = bf16[64,256]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collective_bytes_tpu_forms():
+    got = hlo.collective_bytes(TPU_HLO)
+    assert got["all-gather"] == 24 * 256 * 256 * 2  # one channel, 24 iterations
+    assert got["reduce-scatter"] == 24 * 256 * 256 * 4  # the fusion's full input
+    assert got["all-reduce"] == 0  # the all-reduce inside the reduce-scatter is not extra
+
+
 def test_parse_hbm_oom():
     got = parse_hbm_oom("Ran out of memory in memory space hbm. Used 45.20G of 31.25G hbm.")
     assert got == {"used": int(45.2 * 2**30), "capacity": int(31.25 * 2**30)}
