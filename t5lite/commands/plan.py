@@ -17,37 +17,37 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 from absl import flags
 
-from t5lite.commands import gin_setup
+from t5lite.commands import common, gin_setup
 from t5lite.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-gin_setup.define_common_flags()
+FLAGS = common.new_flags()
+common.use_shared_flags(FLAGS, "gin_file", "format")
+_F = dict(flag_values=FLAGS)
 flags.DEFINE_string("topology", None, "target: a TPU slice (v4-256, v5p-512, v5e-256, v6e-64), "
-                    "a chip grid (v5e:16x16, v4:4x4x8) or cpu:N (approximate planner)")
+                    "a chip grid (v5e:16x16, v4:4x4x8) or cpu:N (approximate planner)", **_F)
 flags.DEFINE_integer("num_slices", 1, "number of slices joined by the data-centre network "
-                     "(the mesh's dcn axis)")
+                     "(the mesh's dcn axis)", **_F)
 flags.DEFINE_string("partitioning", None, "sharding recipe (dp, fsdp, tp, dp_tp, fsdp_tp) on its "
                     "default mesh, or 'all' for a table of every recipe; unset: gin's "
-                    "TrainConfig.partitioning and MeshConfig")
+                    "TrainConfig.partitioning and MeshConfig", **_F)
 flags.DEFINE_string("search", None, "batch_size: the largest global batch that fits; remat: the "
-                    "cheapest remat policy that fits (bisection over compiles)")
-flags.DEFINE_string("mode", "train", "train: the train step; decode: the inference step")
+                    "cheapest remat policy that fits (bisection over compiles)", **_F)
+flags.DEFINE_string("mode", "train", "train: the train step; decode: the inference step", **_F)
 flags.DEFINE_float("hbm_gib", None, "memory per device in GiB (default: the TPU chip's HBM; "
-                   "required for a fit verdict with cpu:N)")
-flags.DEFINE_integer("decode_batch", 8, "--mode=decode: inputs per batch")
+                   "required for a fit verdict with cpu:N)", **_F)
+flags.DEFINE_integer("decode_batch", 8, "--mode=decode: inputs per batch", **_F)
 flags.DEFINE_integer("decode_input_len", None, "--mode=decode: input tokens (default: the gin "
-                     "inputs length)")
+                     "inputs length)", **_F)
 flags.DEFINE_integer("decode_len", None, "--mode=decode: tokens to decode (default: the gin "
-                     "targets length)")
-flags.DEFINE_string("decode_method", "greedy", "--mode=decode: greedy | sample | beam")
-flags.DEFINE_integer("decode_beams", 4, "--mode=decode --decode_method=beam: beam size")
-if "format" not in flags.FLAGS:
-    flags.DEFINE_string("format", "text", "text | json (one object per plan, one per line)")
-FLAGS = flags.FLAGS
+                     "targets length)", **_F)
+flags.DEFINE_string("decode_method", "greedy", "--mode=decode: greedy | sample | beam", **_F)
+flags.DEFINE_integer("decode_beams", 4, "--mode=decode --decode_method=beam: beam size", **_F)
 
 _PLACEHOLDER_TASK = 'MIXTURE_OR_TASK_NAME = "t5lite_plan"'
 
@@ -75,16 +75,13 @@ def _configure(gin_files: list[str], bindings: list[str]):
     return model_config, train_config, mesh_config, model_feature_lengths(data_config)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+def main(gin_bindings: Sequence[str]) -> None:
     from t5lite.plan import topologies
 
     if not FLAGS.topology:
         raise UserError("--topology is required, e.g. --topology=v5p-256 (or cpu:8).")
     topo = topologies.parse_topology(FLAGS.topology, FLAGS.num_slices)
-    fmt = FLAGS["format"].value
-    _choice("format", fmt, ("text", "json"))
+    fmt = FLAGS.format
     _choice("mode", FLAGS.mode, ("train", "decode"))
     if FLAGS.search is not None:
         _choice("search", FLAGS.search, ("batch_size", "remat"))
@@ -108,7 +105,7 @@ def main(argv: list[str]) -> None:
     from t5lite.plan.runner import PlanRequest, run_plan
 
     model_config, train_config, mesh_config, feature_lengths = _configure(
-        list(FLAGS.gin_file), [_PLACEHOLDER_TASK] + list(gin_setup.COMMAND_LINE_BINDINGS))
+        list(FLAGS.gin_file), [_PLACEHOLDER_TASK] + list(gin_bindings))
     request = PlanRequest(
         model_config=model_config, train_config=train_config, mesh_config=mesh_config,
         feature_lengths=feature_lengths, topology=topo, partitioning=FLAGS.partitioning, search=FLAGS.search, mode=FLAGS.mode,

@@ -29,7 +29,7 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
     from t5lite.inference import Generator, _decode_cache
     from t5lite.models import build_model, param_logical_axes
     from t5lite.models.decoding import DecodeConfig
-    from t5lite.train.state import axes_to_pure, param_shardings
+    from t5lite.parallel.rules import axes_to_pure, tree_shardings
 
     cfg = model_config.replace(dropout_rate=0.0)
     mesh = make_mesh(mesh_config, devices=devices)
@@ -41,7 +41,7 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
     graphdef, abs_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     axes = axes_to_pure(param_logical_axes(abs_params))
     pure = nnx.to_pure_dict(abs_params)
-    shardings = param_shardings(pure, axes, mesh, rules)
+    shardings = tree_shardings(axes, pure, mesh, rules)
     sds = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        pure, shardings)
     nnx.replace_by_pure_dict(abs_params, sds)
