@@ -33,7 +33,12 @@ def keep_jax_off_absent_tpus() -> bool:
             return False
     except (ImportError, ValueError):
         return False
-    from jax._src import hardware_utils, xla_bridge
+    try:  # JAX internals (checked against jax 0.10.2): do nothing where they differ
+        from jax._src import hardware_utils, xla_bridge
+
+        xla_bridge._backend_factories, xla_bridge._backend_lock  # noqa: B018
+    except (ImportError, AttributeError):
+        return False
 
     if xla_bridge.backends_are_initialized():
         return False
