@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "teacher-logits": ("t5lite.commands.teacher_logits",
                        "store a distillation teacher's top-k logits of the training stream"),
     "info": ("t5lite.commands.info", "print parameter shapes, axes and counts of a gin model config"),
+    "plan": ("t5lite.commands.plan", "compile the train step for a TPU slice: memory per device, fit, FLOPs, collectives"),
 }
 
 

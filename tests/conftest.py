@@ -12,6 +12,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow: never look for 
 
 import pytest  # noqa: E402
 
+import t5lite  # noqa: E402,F401  (with libtpu installed: keeps JAX off the absent TPU runtime)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> str:

@@ -34,7 +34,7 @@ def listed_flags(help_text: str) -> set[str]:
 
 def test_all_verb_modules_coexist_in_one_process():
     assert set(VERB_MODULES) == {"train", "eval", "infer", "data", "vocab", "import", "export",
-                                 "info", "teacher-logits"}
+                                 "info", "teacher-logits", "plan"}
     for verb, module in VERB_MODULES.items():
         assert isinstance(module.FLAGS, flags.FlagValues), verb
         assert callable(module.main), verb
@@ -68,7 +68,7 @@ def test_help_after_another_verb_ran_in_the_same_process(capsys):
 
 
 @pytest.mark.parametrize("verb", ["data", "vocab", "info", "infer", "export", "import", "train",
-                                  "eval"])
+                                  "eval", "plan"])
 def test_unexpected_positional_arguments_are_one_error(verb, capsys):
     code, out, err = run_cli(capsys, verb, "stray")
     errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -121,11 +121,16 @@ def _run_traced(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
         with partitioned(mesh, rules):
             return fn(*args)
 
+    def lower(*args):
+        with partitioned(mesh, rules):
+            return fn.lower(*args)
+
+    wrapped.lower = lower  # ahead-of-time compilation (t5lite plan)
     return wrapped
 
 
 def _model_parts(model_config: ModelConfig, mesh: Mesh, rules: Rules, seed: int,
-                 batch_size: int) -> dict[str, Any]:
+                 batch_size: int, compile_only: bool = False) -> dict[str, Any]:
     """The pieces evaluation and training share (the EvalSetup fields), plus `build` and the
     abstract (unsharded) parameters."""
 
@@ -141,9 +146,14 @@ def _model_parts(model_config: ModelConfig, mesh: Mesh, rules: Rules, seed: int,
     abs_params = nnx.to_pure_dict(abs_params_state)
     param_shardings = tree_shardings(param_axes, abs_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
+    if compile_only:  # the mesh's devices may be compile-only: build the small rest here
+        with jax.default_device(jax.devices("cpu")[0]):
+            rest = jax.jit(rest_only)()
     with partitioned(mesh, rules):
         abs_rest = jax.eval_shape(rest_only)
-        rest = jax.jit(rest_only, out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
+        if not compile_only:
+            rest = jax.jit(rest_only,
+                           out_shardings=jax.tree.map(lambda _: replicated, abs_rest))()
         eval_step = jax.jit(make_eval_step(make_apply_fn(graphdef, rest)),
                             in_shardings=(param_shardings, None), out_shardings=replicated)
     return dict(model_config=model_config, mesh=mesh, rules=rules, graphdef=graphdef,
@@ -166,13 +176,19 @@ def make_eval_setup(model_config: ModelConfig, mesh: Mesh, partitioning: str, ba
     return EvalSetup(**parts)
 
 
-def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh) -> TrainSetup:
-    """Abstract model, shardings, optimiser and jitted step functions (nothing allocated yet)."""
+def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, *,
+               compile_only: bool = False) -> TrainSetup:
+    """Abstract model, shardings, optimiser and jitted step functions (nothing allocated yet).
+
+    `compile_only=True` (for `t5lite plan`): `mesh` may hold compile-only devices (a TPU
+    topology on a CPU host); the model's small non-parameter state is then built on this host's
+    CPU instead of on the mesh, and the steps can only be lowered (`setup.train_step.lower`).
+    """
     tc = train_config
     rules = get_rules(tc.partitioning)
     _check_batch_split(tc.batch_size, tc.microbatches, mesh, rules, tc.partitioning)
     seed = tc.seed
-    parts = _model_parts(model_config, mesh, rules, seed, tc.batch_size)
+    parts = _model_parts(model_config, mesh, rules, seed, tc.batch_size, compile_only)
     build, abs_params = parts.pop("build"), parts.pop("unsharded_params")
     tx, schedule = make_optimizer(tc.optimizer, abs_params, parts["param_axes"],
                                   total_steps=tc.train_steps)

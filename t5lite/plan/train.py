@@ -1,0 +1,207 @@
+"""Compile the train step of `t5lite train` for a target device set and measure it.
+
+`plan_train` builds the run exactly as `t5lite.train.loop.train` does — `make_setup` (born-sharded
+state from `eval_shape`, the recipe's logical rules, the mesh from `MeshConfig` and
+`make_mesh`, microbatches, remat policy, scanned layers, donated state) — but with
+`compile_only=True`, then lowers `setup.train_step` on abstract arguments (the state's
+ShapeDtypeStructs with their shardings and a batch of the feature converter's shapes) and
+compiles it for the target devices. Nothing is allocated on the target.
+
+Per-device bytes of parameters, optimiser state and batch are computed from the shardings
+(exact: the same numbers the real born-sharded state has on each device); argument / output /
+alias / temp / generated-code bytes come from the compiler's `memory_analysis()`; the peak is
+`argument + output - alias + temp + generated code`. When the TPU compiler itself refuses the
+program for lack of HBM, the peak it reports ("Used X of Y hbm") is taken and the plan does not
+fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from t5lite.config import ModelConfig
+from t5lite.errors import UserError
+from t5lite.parallel.mesh import MeshConfig, make_mesh
+from t5lite.train.config import TrainConfig
+from t5lite.plan.hlo import collective_bytes
+from t5lite.plan.topologies import Topology
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """One compiled configuration (one row of a plan table / one JSON object)."""
+
+    topology: str
+    num_devices: int
+    device_kind: str
+    approximate: bool  # cpu:N planning (not the target's compiler)
+    mode: str  # train | decode
+    partitioning: str
+    mesh: dict[str, int]
+    batch_size: int
+    microbatches: int
+    remat_policy: str
+    per_device: dict[str, int | None]
+    fits: bool | None
+    headroom_bytes: int | None
+    model_flops_per_step: float
+    compiler_flops_per_device: float | None
+    collective_bytes: dict[str, int]
+    lower_seconds: float
+    compile_seconds: float  # wall clock of the compile
+    compile_cpu_seconds: float = 0.0  # CPU time of this process during the compile (all threads)
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sharded_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of arrays / ShapeDtypeStructs with shardings (the
+    largest shard of each leaf: shards are equal or, when uneven, the first is largest)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+_SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
+_HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.I)
+_HBM_TEMP = re.compile(rf"required for HLO temporaries \({_SIZE}\) exceeds available HBM "
+                       rf"\({_SIZE}\)", re.I)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def parse_hbm_oom(message: str) -> dict[str, int] | None:
+    """What the TPU compiler's out-of-HBM error says: {"used" or "temp": bytes, "capacity":
+    bytes}, or None for other errors.
+
+    >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 45.20G "
+    ...               "of 31.25G hbm. Exceeded hbm capacity by 13.95G.")
+    {'used': 48533130444, 'capacity': 33554432000}
+    >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+    ...               "for HLO temporaries (95.04G) exceeds available HBM (30.75G).")
+    {'temp': 102048422952, 'capacity': 33017561088}
+    """
+    m = _HBM_USED.search(message)
+    if m:
+        return {"used": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
+    m = _HBM_TEMP.search(message)
+    if m:
+        return {"temp": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
+    return None
+
+
+def abstract_batch(feature_lengths: dict[str, int], batch_size: int, batch_sharding) -> dict:
+    """The batch `t5lite train` feeds: int32 [batch, length] per feature, batch-sharded."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = tuple(batch_sharding.spec)[:1]
+    sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(*(spec + (None,))))
+    return {name: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+            for name, length in feature_lengths.items()}
+
+
+def model_flops(model_config: ModelConfig, feature_lengths: dict[str, int],
+                batch_size: int) -> float:
+    from t5lite.train.flops import train_flops_per_step
+
+    if "encoder_input_tokens" in feature_lengths:
+        return train_flops_per_step(model_config, batch_size,
+                                    feature_lengths["encoder_input_tokens"],
+                                    feature_lengths["decoder_target_tokens"])
+    return train_flops_per_step(model_config, batch_size, 0,
+                                feature_lengths["decoder_target_tokens"])
+
+
+def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0):
+    """(memory dict, fits, flops, collectives, lower s, (compile s, compile CPU s), note) of one
+    compile. `argument_bytes` (what the arguments hold per device, from their shardings) completes
+    the peak when the compiler only reports the temporaries that did not fit."""
+    t0 = time.perf_counter()
+    lowered = lower_fn()
+    t1 = time.perf_counter()
+    c1 = time.process_time()
+    note = ""
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+        t2 = time.perf_counter()
+        cpu = time.process_time() - c1
+        oom = parse_hbm_oom(str(e))
+        if oom is None:
+            raise
+        first = next((ln for ln in str(e).splitlines() if "hbm" in ln.lower()), str(e))
+        temp = oom.get("temp")
+        peak = oom["used"] if "used" in oom else argument_bytes + temp
+        memory = {"argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+                  "temp_bytes": temp, "generated_code_bytes": None, "peak_bytes": peak}
+        return (memory, False, None, {}, t1 - t0, (t2 - t1, cpu),
+                f"the TPU compiler ran out of HBM: {first.strip()[:300]}")
+    t2 = time.perf_counter()
+    cpu = time.process_time() - c1
+    stats = compiled.memory_analysis()
+    memory = {
+        "argument_bytes": int(stats.argument_size_in_bytes),
+        "output_bytes": int(stats.output_size_in_bytes),
+        "alias_bytes": int(stats.alias_size_in_bytes),
+        "temp_bytes": int(stats.temp_size_in_bytes),
+        "generated_code_bytes": int(stats.generated_code_size_in_bytes),
+    }
+    memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
+                            - memory["alias_bytes"] + memory["temp_bytes"]
+                            + memory["generated_code_bytes"])
+    fits = None if hbm_bytes is None else memory["peak_bytes"] <= hbm_bytes
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    collectives = collective_bytes(compiled.as_text())
+    return memory, fits, flops, collectives, t1 - t0, (t2 - t1, cpu), note
+
+
+def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config: MeshConfig,
+               feature_lengths: dict[str, int], topo: Topology, devices: list,
+               hbm_bytes: int | None) -> PlanResult:
+    """Compile `t5lite train`'s step for `devices` and measure it (see module doc)."""
+    from t5lite.train.setup import make_setup
+
+    mesh = make_mesh(mesh_config, devices=devices)
+    setup = make_setup(model_config, train_config, mesh, compile_only=True)
+    state = setup.abstract_state
+    batch = abstract_batch(feature_lengths, train_config.batch_size, setup.batch_sharding)
+    per_device: dict[str, int | None] = {
+        "params_bytes": sharded_bytes(state.params),
+        "optimizer_bytes": sharded_bytes(state.opt_state),
+        "batch_bytes": sharded_bytes(batch),
+    }
+    memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
+        lambda: setup.train_step.lower(state, batch), hbm_bytes, sum(per_device.values()))
+    per_device.update(memory)
+    per_device["hbm_bytes"] = hbm_bytes
+    return PlanResult(
+        topology=topo.name if topo.num_slices == 1 else f"{topo.name} x{topo.num_slices}",
+        num_devices=len(devices), device_kind=devices[0].device_kind,
+        approximate=not topo.is_tpu, mode="train",
+        partitioning=train_config.partitioning, mesh={k: int(v) for k, v in mesh.shape.items()},
+        batch_size=train_config.batch_size, microbatches=train_config.microbatches,
+        remat_policy=model_config.remat_policy, per_device=per_device, fits=fits,
+        headroom_bytes=(None if hbm_bytes is None or per_device["peak_bytes"] is None
+                        else hbm_bytes - per_device["peak_bytes"]),
+        model_flops_per_step=model_flops(model_config, feature_lengths, train_config.batch_size),
+        compiler_flops_per_device=flops, collective_bytes=collectives,
+        lower_seconds=round(lower_s, 2), compile_seconds=round(compile_s[0], 2),
+        compile_cpu_seconds=round(compile_s[1], 2), note=note)
