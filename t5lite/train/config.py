@@ -38,6 +38,10 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     async_checkpointing: bool = True
     cache_eval_batches: bool = True  # keep the eval_steps validation batches in host memory
+    # fine-tuning: regexes (re.search) over dotted parameter names as in model-info.txt, e.g.
+    # ("^encoder\\.",) or ("^embed\\.", "^lm_head"); matches are not trained and get no
+    # optimiser state (t5lite.train.optim.make_optimizer)
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -61,3 +65,7 @@ class TrainConfig:
             fail("optimizer must be an OptimizerConfig.")
         if not isinstance(self.loss, LossConfig):
             fail("loss must be a LossConfig.")
+        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze or ())
+        if not all(isinstance(f, str) and f for f in freeze):
+            fail(f"freeze={self.freeze!r} must be a list of non-empty regular expressions.")
+        object.__setattr__(self, "freeze", freeze)
