@@ -82,7 +82,10 @@ class Text2TextConfig:
             raise ConfigError("Text2TextConfig: input_key and target_key must be non-empty.")
         from t5lite.data.metrics import metric_fns
 
-        metric_fns(self.metrics)  # unknown names fail here
+        try:
+            metric_fns(self.metrics)  # unknown names fail here
+        except UserError as e:
+            raise ConfigError(f"Text2TextConfig: {e}") from None
 
 
 # ------------------------------------------------------------------------------ reading files
