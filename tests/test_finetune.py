@@ -65,7 +65,7 @@ def test_frozen_parameters_do_not_change_and_have_no_optimizer_state(tmp_path, p
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(model_dir)[0],
                                                                  nnx.Param)))
     from t5lite.models import param_logical_axes
-    from t5lite.train.state import axes_to_pure
+    from t5lite.parallel.rules import axes_to_pure
 
     axes = axes_to_pure(param_logical_axes(nnx.state(load_model(model_dir)[0], nnx.Param)))
     for name in ("adafactor", "adamw"):
