@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test install bench clean-demo finetune-demo
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
@@ -26,6 +26,21 @@ demo: $(STAMP)
 	$(VENV)/bin/t5lite train --gin_file=gin/demo.gin --model_dir=$(DEMO_DIR)
 	$(VENV)/bin/t5lite eval --gin_file=gin/demo.gin --model_dir=$(DEMO_DIR)
 	$(VENV)/bin/t5lite infer --model_dir=$(DEMO_DIR) --task_examples=5
+
+## make finetune-demo: fine-tune the demo model ($(DEMO_DIR), trained or finished first) on the
+## title task (paragraph -> page title, tasks/t5lite_tasks/demo/title_task.py), train the same
+## architecture from scratch with the same settings, and print both validation metrics.
+FINETUNE_DIR ?= runs/finetune_demo
+FINETUNE_ARGS = --gin_file=gin/models/demo.gin --gin_file=gin/runs/finetune.gin \
+	--gin_file=gin/finetune_demo.gin --gin.TRAIN_FILES=$(FINETUNE_DIR)/data/train.tsv.gz \
+	--gin.VALIDATION_FILES=$(FINETUNE_DIR)/data/validation.tsv.gz
+finetune-demo: $(STAMP)
+	$(VENV)/bin/t5lite train --gin_file=gin/demo.gin --model_dir=$(DEMO_DIR)  # no-op when done
+	$(PY) tasks/t5lite_tasks/demo/title_task.py make --output_dir=$(FINETUNE_DIR)/data
+	$(VENV)/bin/t5lite train $(FINETUNE_ARGS) --gin.INIT_FROM=$(DEMO_DIR) --model_dir=$(FINETUNE_DIR)/pretrained
+	$(VENV)/bin/t5lite train $(FINETUNE_ARGS) --gin.INIT_FROM=None \
+		--gin.VOCABULARY=tasks/t5lite_tasks/demo/data/demo_8k.model --model_dir=$(FINETUNE_DIR)/scratch
+	$(PY) tasks/t5lite_tasks/demo/title_task.py compare $(FINETUNE_DIR)/pretrained $(FINETUNE_DIR)/scratch
 
 ## make bench: the CPU benchmarks of the README "Performance" table (~25 minutes on 2 cores):
 ## t5lite train step (T5 v1.1-small, batch 8, 512/114, float32 and bfloat16, MFU vs the measured

@@ -65,6 +65,7 @@ def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _library_classes() -> list[type]:
     from t5lite.config import ModelConfig
     from t5lite.data.pipeline import DataConfig
+    from t5lite.data.text2text import Text2TextConfig
     from t5lite.parallel.mesh import MeshConfig
     from t5lite.train.config import TrainConfig
     from t5lite.train.distill import DistillConfig
@@ -74,7 +75,7 @@ def _library_classes() -> list[type]:
     from t5lite.train.schedules import ScheduleConfig
 
     return [ModelConfig, MeshConfig, TrainConfig, OptimizerConfig, ScheduleConfig, LossConfig,
-            DataConfig, EvalConfig, DistillConfig]
+            DataConfig, EvalConfig, DistillConfig, Text2TextConfig]
 
 
 def register_configurables() -> None:

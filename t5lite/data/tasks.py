@@ -120,3 +120,15 @@ def add_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]],
     if default_sequence_length is not None:
         registry.set_default_sequence_length(name, default_sequence_length)
     return mixture
+
+
+def add_text2text_task(name: str, **kwargs):
+    """A supervised task over TSV / JSONL files of (input, target) pairs; see
+    `t5lite.data.text2text.add_text2text_task` for the arguments. Example::
+
+        tasks.add_text2text_task("titles", train_files="train.tsv", validation_files="dev.tsv",
+                                 vocabulary="spm.model", metrics=["exact_match", "rouge"])
+    """
+    from t5lite.data.text2text import add_text2text_task as add
+
+    return add(name, **kwargs)

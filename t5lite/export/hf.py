@@ -18,8 +18,9 @@ LongT5, Switch Transformers, erf-GELU feed-forwards, ...) are refused with a mes
 what is unsupported.
 
 `export_hf(MODEL_DIR, OUT_DIR)` writes the reverse: config.json, generation_config.json,
-model.safetensors and spiece.model, loadable with
-`T5ForConditionalGeneration.from_pretrained(OUT_DIR)`.
+model.safetensors, spiece.model and a transformers tokenizer (tokenizer.json, ...; see
+`t5lite.export.hf_tokenizer`), loadable with `T5ForConditionalGeneration.from_pretrained(OUT_DIR)`
+and `AutoTokenizer.from_pretrained(OUT_DIR)`, which tokenizes exactly as t5lite does.
 """
 
 from __future__ import annotations
@@ -248,11 +249,15 @@ def export_hf(model_dir: str, output_dir: str, *, step: int | None = None) -> di
         json.dump({"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, f)
     try:
         info = read_run_info(model_dir)
-        if storage.exists(info.vocabulary):
-            shutil.copyfile(storage.local_copy(info.vocabulary),
-                            os.path.join(output_dir, VOCAB_FILE))
     except UserError:
+        info = None
         log.warning("%s has no run_info.json: no vocabulary copied", model_dir)
+    if info is not None and storage.exists(info.vocabulary):
+        # spiece.model plus a tokenizer.json that tokenizes exactly like t5lite (hf_tokenizer)
+        from t5lite.export.hf_tokenizer import write_hf_tokenizer
+
+        write_hf_tokenizer(storage.local_copy(info.vocabulary), output_dir, extra_ids=info.extra_ids,
+                           model_max_length=info.task_feature_lengths.get("inputs", 512))
     log.info("exported %s (step %s) to %s", model_dir, used_step, output_dir)
     return config
 

@@ -40,6 +40,10 @@ class TrainConfig:
     async_checkpointing: bool = True
     cache_eval_batches: bool = True  # keep the eval_steps validation batches in host memory
     distill: DistillConfig | None = None  # knowledge distillation (gin/runs/distill.gin)
+    # fine-tuning: regexes (re.search) over dotted parameter names as in model-info.txt, e.g.
+    # ("^encoder\\.",) or ("^embed\\.", "^lm_head"); matches are not trained and get no
+    # optimiser state (t5lite.train.optim.make_optimizer)
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -65,3 +69,7 @@ class TrainConfig:
             fail("loss must be a LossConfig.")
         if self.distill is not None and not isinstance(self.distill, DistillConfig):
             fail("distill must be a DistillConfig or None.")
+        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze or ())
+        if not all(isinstance(f, str) and f for f in freeze):
+            fail(f"freeze={self.freeze!r} must be a list of non-empty regular expressions.")
+        object.__setattr__(self, "freeze", freeze)

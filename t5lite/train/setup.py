@@ -37,6 +37,7 @@ from t5lite.models import build_model, param_logical_axes
 from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sharding,
                                    partitioned, tree_shardings)
 from t5lite.train.config import TrainConfig
+from t5lite.train.init_from import check_init_from_config
 from t5lite.train.optim import make_optimizer
 from t5lite.train.teacher import make_distillation
 from t5lite.train.state import TrainState, abstract_with_shardings, train_state_shardings
@@ -191,7 +192,7 @@ def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh,
     parts = _model_parts(model_config, mesh, rules, seed, tc.batch_size, compile_only)
     build, abs_params = parts.pop("build"), parts.pop("unsharded_params")
     tx, schedule = make_optimizer(tc.optimizer, abs_params, parts["param_axes"],
-                                  total_steps=tc.train_steps)
+                                  total_steps=tc.train_steps, freeze=tc.freeze)
     abstract_state = jax.eval_shape(lambda p: new_train_state(p, tx, seed), abs_params)
     shardings = train_state_shardings(abstract_state, parts["param_axes"], mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -250,6 +251,7 @@ def plan_start(setup: TrainSetup, model_dir: str, init_from: str | None) -> Star
                          f"{model_dir} with a fresh optimiser state{also} a checkpoint in "
                          "model_dir always wins")
     if init_from:
+        check_init_from_config(init_from, setup.model_config)  # names the ModelConfig field
         step = checkpoint.check_params_compatible(init_from, abs_params)
         return StartPlan("init_from", init_from, step,
                          f"no checkpoint in {model_dir}: taking the parameters of step {step} "
