@@ -24,11 +24,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from t5lite.data.iterator_state import exact_resume_options, restore_iterator, save_iterator
 from t5lite.errors import ConfigError
+
+if TYPE_CHECKING:  # imported lazily at run time: TensorFlow only where data is built
+    import seqio
+    import tensorflow as tf
 
 # seqio and TensorFlow (~10 s to import) are imported inside the functions that build data, so
 # `DataConfig` (registered with gin by every verb, e.g. `t5lite info`) costs nothing.

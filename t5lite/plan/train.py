@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from t5lite.config import ModelConfig
-from t5lite.errors import UserError
 from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.train.config import TrainConfig
 from t5lite.plan.hlo import collective_bytes
