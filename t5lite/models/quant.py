@@ -17,11 +17,18 @@ the same shape and logical axes, next to a float32 `<name>_scale` Param (the wei
 
 The matmul (`dense`) never makes a float copy of a weight; the scales are applied to its output:
 
-    activations="int8"   (default on CPU) each activation row is quantized on the fly (one scale
-                         per row over the contracted axes), the dot runs int8 x int8 -> int32,
-                         and out = acc * row_scale * channel_scale. XLA:CPU runs such dots
-                         natively; it does *not* fuse an int8 -> float convert into a float dot
-                         (it would write a float copy of every weight on every call).
+    activations="int8"   each activation row is quantized on the fly (one scale per row over the
+                         contracted axes), the dot runs int8 x int8 -> int32, and
+                         out = acc * row_scale * channel_scale. XLA:CPU runs such dots natively;
+                         it does *not* fuse an int8 -> float convert into a float dot (it would
+                         write a float copy of every weight on every call).
+    activations="int8x2" (default on CPU) the same with each activation row split into two int8
+                         parts, coarse q1 (scale s = max|x| / 127) and the residual q2 (scale
+                         s / 254): x ~ s q1 + s/254 q2, about 15 bits. Both parts go through ONE
+                         int8 dot (stacked as extra rows, so the weight is read once); decoding
+                         is bound by weight bytes, so the second part is nearly free there. With
+                         one int8 part greedy outputs of the demo model agreed with float on 92 %
+                         of tokens; with two, see the README.
     activations="float"  (default on GPU / TPU) weight-only: out = (x @ convert(w)) * scale; XLA's
                          GPU / TPU matmul fusions fold the convert into the dot's operand read.
 
@@ -58,19 +65,20 @@ _CONTRACTED: dict[str, tuple[int, tuple[int, ...]]] = {
     "wi": (2, (0,)), "wi_0": (2, (0,)), "wi_1": (2, (0,)), "wo": (2, (0,)),
     "embedding": (2, (1,)), "lm_head": (2, (0,)),
 }
-ACTIVATIONS = ("int8", "float")
+ACTIVATIONS = ("int8x2", "int8", "float")
 CROSS_KV_DTYPES = ("float", "bfloat16")
 
 
 def default_activations() -> str:
-    """int8 activations on CPU (XLA:CPU has native int8 dots but no convert-into-dot fusion),
+    """int8 x int8 dots on CPU (XLA:CPU has native int8 dots but no convert-into-dot fusion),
     weight-only elsewhere."""
-    return "int8" if jax.default_backend() == "cpu" else "float"
+    return "int8x2" if jax.default_backend() == "cpu" else "float"
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize. weights: "int8"; activations: "int8" | "float" (see module doc);
+    """How to quantize. weights: "int8"; activations: "int8x2" | "int8" | "float" (see module
+    doc);
     None picks `default_activations()` when the model is quantized."""
 
     weights: str = "int8"
@@ -159,11 +167,22 @@ def dense(eqn: str, x: jax.Array, w: jax.Array | QTensor,
     lhs, rhs, out = _expand_ellipsis(eqn, x.ndim, w.value.ndim)
     result_dtype = preferred_element_type or w.dtype
     w_scale = _to_output(w.scale, rhs, out)
-    if w.activations == "int8":
+    if w.activations in ("int8", "int8x2"):
         contracted = tuple(i for i, c in enumerate(lhs) if c in rhs and c not in out)
         xq, x_scale = quantize_rows(x, contracted)
-        acc = jnp.einsum(f"{lhs},{rhs}->{out}", xq, w.value, preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * _to_output(x_scale, lhs, out) * w_scale
+        if w.activations == "int8":
+            acc = jnp.einsum(f"{lhs},{rhs}->{out}", xq, w.value,
+                             preferred_element_type=jnp.int32)
+            y = acc.astype(jnp.float32) * _to_output(x_scale, lhs, out)
+        else:
+            fine = x_scale / 254.0
+            residual = x.astype(jnp.float32) - xq.astype(jnp.float32) * x_scale
+            rq = jnp.clip(jnp.round(residual / fine), -127, 127).astype(jnp.int8)
+            z = next(c for c in "ZYXWVU" if c not in lhs + rhs)  # the part axis
+            acc = jnp.einsum(f"{z}{lhs},{rhs}->{z}{out}", jnp.stack([xq, rq]), w.value,
+                             preferred_element_type=jnp.int32).astype(jnp.float32)
+            y = (acc[0] + acc[1] / 254.0) * _to_output(x_scale, lhs, out)
+        y = y * w_scale
     else:
         y = jnp.einsum(f"{lhs},{rhs}->{out}", x, w.value.astype(x.dtype),
                        preferred_element_type=jnp.float32) * w_scale
