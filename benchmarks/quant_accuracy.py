@@ -7,7 +7,7 @@ Agreement: both models decode the same inputs greedily (max length = the task's 
 each position of the float output up to and including its EOS counts as agreeing when the
 quantized output has the same token there (a strict measure: after a first difference the two
 outputs usually part). Loss: mean negative log-likelihood per target token, teacher-forced
-(`t5lite.evaluation.target_log_likelihoods`), float vs quantized, on the same examples.
+(`t5lite.inference_eval.target_log_likelihoods`), float vs quantized, on the same examples.
 Writes benchmarks/results/quant_accuracy.json (or --out).
 """
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import t5lite_tasks  # noqa: F401  (registers the demo tasks)
     from t5lite.data.registry import get_task_or_mixture
-    from t5lite.evaluation import load_examples, target_log_likelihoods
+    from t5lite.inference_eval import load_examples, target_log_likelihoods
     from t5lite.inference import Generator
     from t5lite.model_dir import read_run_info
     from t5lite.models.decoding import DecodeConfig
