@@ -184,8 +184,8 @@ class Generator:
         """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`.
 
         quantize="int8": quantize the weights after loading (`t5lite.models.quant`; a model
-        dir written by `t5lite quantize` is int8 already). activations: "int8" | "float"
-        (default: int8 on CPU). cross_kv_dtype="bfloat16": keep the cross-attention K/V in
+        dir written by `t5lite quantize` is int8 already). activations: "int8x2" | "int8" |
+        "float" (default: int8x2 on CPU, float elsewhere). cross_kv_dtype="bfloat16": keep the cross-attention K/V in
         bfloat16."""
         from t5lite.models.quant import QuantConfig, quantize_model
 
