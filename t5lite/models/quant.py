@@ -227,7 +227,7 @@ def quantize_model(model: nnx.Module, config: QuantConfig | None = None) -> nnx.
 
     cfg = (config or QuantConfig()).resolved()
     targets: list[tuple[nnx.Module, str]] = []
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, Attention):
             targets += [(module, n) for n in ("q", "k", "v", "o")]
         elif isinstance(module, MLP):
