@@ -75,8 +75,10 @@ def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targ
     }
 
 
-def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_len: int):
-    """A t5lite Generator holding the transformers model's weights."""
+def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_len: int,
+                             quantize: str | None = None, cross_kv_dtype: str = "float"):
+    """A t5lite Generator holding the transformers model's weights (int8-quantized after
+    loading with quantize="int8")."""
     from flax import nnx
 
     from t5lite.export.hf_mapping import hf_state_dict_to_params
@@ -87,11 +89,17 @@ def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_
     model = build_model(cfg, rngs=nnx.Rngs(params=0))
     state = {k: v.detach().cpu().numpy() for k, v in hf_model.state_dict().items()}
     load_params(model, hf_state_dict_to_params(state, cfg))
-    return Generator(model, None, max_input_len=input_len, batch_size=batch_size)
+    if quantize:
+        from t5lite.models.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig())
+    return Generator(model, None, max_input_len=input_len, batch_size=batch_size,
+                     cross_kv_dtype=cross_kv_dtype)
 
 
 def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tokens: int,
                    repeats: int, threads: int, with_transformers: bool = True,
+                   quantize: str | None = None, cross_kv_dtype: str = "float",
                    log=print) -> dict:
     """Greedy decoding, t5lite Generator vs transformers generate, same weights, alternating.
 
@@ -105,7 +113,8 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         hf_model = build_hf_model(cfg).eval()
-        gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len)
+        gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len, quantize,
+                                       cross_kv_dtype)
     else:
         from flax import nnx
 
@@ -199,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip_decode", action="store_true")
     parser.add_argument("--skip_transformers", action="store_true",
                         help="t5lite decoding alone, random weights (no torch needed)")
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="decode with t5lite's int8 weights (t5lite.models.quant); "
+                        "transformers stays float32")
+    parser.add_argument("--cross_kv_dtype", default="float", choices=["float", "bfloat16"],
+                        help="t5lite's cross-attention K/V cache dtype")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -231,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
         dec = compare_decode(cfg, batch_size=args.decode_batch, input_len=args.decode_input_len,
                              new_tokens=args.new_tokens, repeats=args.decode_repeats,
                              threads=args.threads,
-                             with_transformers=not args.skip_transformers)
+                             with_transformers=not args.skip_transformers,
+                             quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype)
+        dec.update(quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype)
         result["decode"] = dec
     if not args.skip_decode and args.skip_transformers:
         print(f"decode t5lite {dec['t5lite_tokens_per_s']:.1f} tokens/s "
@@ -251,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.argv[1:] if argv is None else argv)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"vs_transformers_{cfg.dtype}.json")
+                                   f"vs_transformers_{cfg.dtype}"
+                                   f"{'_' + args.quantize if args.quantize else ''}.json")
     if args.skip_transformers and not args.out:
         out = out.replace("vs_transformers_", "decode_t5lite_only_")
     write_result(result, out)

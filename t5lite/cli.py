@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("t5lite.commands.export_model", "export a model dir to Hugging Face transformers"),
     "teacher-logits": ("t5lite.commands.teacher_logits",
                        "store a distillation teacher's top-k logits of the training stream"),
+    "quantize": ("t5lite.commands.quantize", "write an int8-weight copy of a model dir"),
     "info": ("t5lite.commands.info", "print parameter shapes, axes and counts of a gin model config"),
     "plan": ("t5lite.commands.plan", "compile the train step for a TPU slice: memory per device, fit, FLOPs, collectives"),
 }

@@ -44,7 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from t5lite.config import ModelConfig
-from t5lite.errors import UserError
+from t5lite.errors import ConfigError, UserError
 from t5lite.models import decoding
 from t5lite.models.decoding import EOS_ID, PAD_ID, DecodeConfig, DecodeOutput
 from t5lite.parallel.rules import (DEFAULT_INFERENCE_RECIPE, Rules, axes_to_pure, get_rules,
@@ -88,11 +88,21 @@ def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = N
     """(model, step) restored from `model_dir`'s checkpoint (latest unless `step`).
 
     Parameters are created abstractly and restored straight into their final sharding (on
-    `mesh` by their logical axes, else on the first device); dropout is switched off.
+    `mesh` by their logical axes, else on the first device); dropout is switched off. A
+    quantized model dir (`t5lite quantize`, `quantization.json`) restores its int8 weights
+    and scales directly (no float weights are read or built).
     """
     from t5lite import checkpoint
     from t5lite.model_dir import read_model_config
-    from t5lite.models import build_model, param_logical_axes
+    from t5lite.models import build_model as build_float, param_logical_axes
+    from t5lite.models.quant import quantize_model, read_quant_info
+
+    quant = read_quant_info(model_dir)
+    if quant is None:
+        build_model = build_float
+    else:
+        def build_model(c, rngs):
+            return quantize_model(build_float(c, rngs=rngs), quant)
 
     cfg = read_model_config(model_dir) if config is None else config
     cfg = cfg.replace(dropout_rate=0.0)
@@ -134,7 +144,13 @@ class Generator:
 
     def __init__(self, model: nnx.Module, vocabulary: Any, *, max_input_len: int,
                  default_decode_len: int = 64, batch_size: int = 8, mesh: Mesh | None = None,
-                 rules: str | Rules = DEFAULT_INFERENCE_RECIPE):
+                 rules: str | Rules = DEFAULT_INFERENCE_RECIPE, cross_kv_dtype: str = "float"):
+        from t5lite.models.quant import CROSS_KV_DTYPES
+
+        if cross_kv_dtype not in CROSS_KV_DTYPES:
+            raise UserError(f"cross_kv_dtype={cross_kv_dtype!r} must be one of "
+                            f"{', '.join(CROSS_KV_DTYPES)}.")
+        self.cross_kv_dtype = cross_kv_dtype
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size} must be a positive integer.")
         self.model = model
@@ -162,8 +178,25 @@ class Generator:
     @classmethod
     def from_model_dir(cls, model_dir: str, *, step: int | None = None, batch_size: int = 8,
                        mesh: Mesh | None = None, rules: str | Rules = DEFAULT_INFERENCE_RECIPE,
-                       vocabulary_path: str | None = None) -> "Generator":
-        """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`."""
+                       vocabulary_path: str | None = None, quantize: str | None = None,
+                       activations: str | None = None, cross_kv_dtype: str = "float"
+                       ) -> "Generator":
+        """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`.
+
+        quantize="int8": quantize the weights after loading (`t5lite.models.quant`; a model
+        dir written by `t5lite quantize` is int8 already). activations: "int8x2" | "int8" |
+        "float" (default: int8x2 on CPU, float elsewhere). cross_kv_dtype="bfloat16": keep the cross-attention K/V in
+        bfloat16."""
+        from t5lite.models.quant import QuantConfig, quantize_model
+
+        if quantize not in (None, "none", "int8"):
+            raise UserError(f"quantize={quantize!r} must be 'int8' or None.")
+        if activations is not None and quantize in (None, "none"):
+            raise UserError("activations= applies to quantized weights; pass quantize='int8'.")
+        try:
+            quant = QuantConfig(activations=activations) if quantize == "int8" else None
+        except ConfigError as e:
+            raise UserError(str(e)) from None
         from t5lite.data.vocab import load_vocabulary
         from t5lite.model_dir import read_model_config, read_run_info
 
@@ -179,11 +212,13 @@ class Generator:
                             f"model's embedding has {cfg.vocab_size} rows; this vocabulary does "
                             "not belong to this model.")
         model, _ = load_model(model_dir, step=step, mesh=mesh, rules=rules, config=cfg)
+        if quant is not None:
+            model = quantize_model(model, quant)  # no-op on an already quantized model dir
         lengths = info.task_feature_lengths
         max_in = lengths.get("inputs") or 512
         return cls(model, vocab, max_input_len=max_in,
                    default_decode_len=lengths.get("targets") or 64, batch_size=batch_size,
-                   mesh=mesh, rules=rules)
+                   mesh=mesh, rules=rules, cross_kv_dtype=cross_kv_dtype)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str], truncate: bool = False) -> list[list[int]]:
@@ -220,6 +255,10 @@ class Generator:
         # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
         layers = model.decoder.layer_modules()
         cross = model.precompute_cross_attention(encoded, tokens, layers)
+        if self.cross_kv_dtype != "float":
+            from t5lite.models.quant import cast_cross_kv
+
+            cross = cast_cross_kv(cross, self.cross_kv_dtype)
         cache, axes = _decode_cache(model, batch, config.max_decode_len, config, rows)
 
         def step_fn(tok, i, c):

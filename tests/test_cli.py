@@ -34,7 +34,7 @@ def listed_flags(help_text: str) -> set[str]:
 
 def test_all_verb_modules_coexist_in_one_process():
     assert set(VERB_MODULES) == {"train", "eval", "infer", "data", "vocab", "import", "export",
-                                 "info", "teacher-logits", "plan"}
+                                 "info", "teacher-logits", "plan", "quantize"}
     for verb, module in VERB_MODULES.items():
         assert isinstance(module.FLAGS, flags.FlagValues), verb
         assert callable(module.main), verb

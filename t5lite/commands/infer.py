@@ -5,6 +5,8 @@ Example::
     t5lite infer --model_dir=runs/demo --input="The <extra_id_0> sat on the mat."
     t5lite infer --model_dir=runs/demo --input_file=prompts.txt --decode=beam --beam_size=4 \\
         --format=json --output_file=out.jsonl
+    t5lite infer --model_dir=runs/demo --input_file=prompts.txt --quantize=int8 \\
+        --cross_kv_dtype=bfloat16                       # int8 weights (t5lite.models.quant)
 
 Contract: one output line per input line, in order.
   --format=text   the decoded text (with --num_samples N > 1: the N outputs joined by a tab);
@@ -52,6 +54,15 @@ flags.DEFINE_string("output_file", None, "write here instead of stdout", flag_va
 flags.DEFINE_integer("batch_size", 8, "inputs decoded together", flag_values=FLAGS)
 flags.DEFINE_bool("truncate", False, "cut inputs longer than the model's input length instead "
                   "of failing", flag_values=FLAGS)
+flags.DEFINE_enum("quantize", None, ["int8"], "quantize the weights after loading "
+                  "(t5lite.models.quant; a dir written by `t5lite quantize` is int8 already)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("activations", None, ["int8x2", "int8", "float"], "with --quantize: "
+                  "activation rows as two int8 parts / one (int8 x int8 matmuls) or float "
+                  "(weight-only); default int8x2 on CPU",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("cross_kv_dtype", "float", ["float", "bfloat16"], "dtype of the "
+                  "cross-attention K/V kept for the decoding loop", flag_values=FLAGS)
 flags.DEFINE_integer("task_examples", 0, "instead of --input: decode the first N validation "
                      "examples of the model's task (run_info.json) and print input, output, "
                      "target and the input with the model's filled-in spans", flag_values=FLAGS)
@@ -92,7 +103,8 @@ def format_results(results, fmt: str) -> list[str]:
 
 
 def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
-                       step: int | None, batch_size: int, decode: str) -> None:
+                       step: int | None, batch_size: int, decode: str,
+                       **generator_options) -> None:
     """Decode the first `num` validation examples of the model's task and print them."""
     from t5lite.data.registry import import_task_modules
     from t5lite.inference_eval import show_predictions
@@ -104,10 +116,16 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
         raise UserError(f"{model_dir}/run_info.json names no task; --task_examples needs a "
                         "model trained on a registered task.")
     import_task_modules(module_imports)
-    gen = Generator.from_model_dir(model_dir, step=step, batch_size=batch_size)
+    gen = Generator.from_model_dir(model_dir, step=step, batch_size=batch_size,
+                                   **generator_options)
     lines = show_predictions(gen, info.task, info.task_feature_lengths, num=num, decode=decode)
     print(f"{num} validation examples of {info.task} decoded by {model_dir} ({decode}):")
     print("\n".join(lines))
+
+
+def _generator_options() -> dict:
+    return {"quantize": FLAGS.quantize, "activations": FLAGS.activations,
+            "cross_kv_dtype": FLAGS.cross_kv_dtype}
 
 
 def main() -> None:
@@ -116,12 +134,14 @@ def main() -> None:
     if FLAGS.task_examples:
         show_task_examples(FLAGS.model_dir, FLAGS.task_examples,
                            module_imports=FLAGS.module_import, step=FLAGS.step,
-                           batch_size=FLAGS.batch_size, decode=FLAGS.decode)
+                           batch_size=FLAGS.batch_size, decode=FLAGS.decode,
+                           **_generator_options())
         return
     inputs = read_inputs(FLAGS.input, FLAGS.input_file)
     from t5lite.inference import Generator
 
-    gen = Generator.from_model_dir(FLAGS.model_dir, step=FLAGS.step, batch_size=FLAGS.batch_size)
+    gen = Generator.from_model_dir(FLAGS.model_dir, step=FLAGS.step, batch_size=FLAGS.batch_size,
+                                   **_generator_options())
     results = gen.generate(inputs, FLAGS.decode, max_decode_len=FLAGS.max_decode_len,
                            beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
                            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,

@@ -23,6 +23,7 @@ from flax import nnx
 
 from t5lite.config import ModelConfig
 from t5lite.models.layers import dropout, make_param, normal
+from t5lite.models.quant import QTensor, dense, kernel
 from t5lite.parallel.rules import constrain
 
 _NEG = -1e9  # large negative logit for masked positions (finite: fully masked rows stay finite)
@@ -118,17 +119,17 @@ class Attention(nnx.Module):
         self.dropout_rate = cfg.dropout_rate
 
     def query(self, x: jax.Array) -> jax.Array:
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(self.dtype))
+        q = dense("btd,dnh->btnh", x, kernel(self, "q", self.dtype))
         return constrain(q, ("batch", "length", "heads", "kv"))
 
     def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        k = jnp.einsum("bsd,dkh->bskh", x, self.k[...].astype(self.dtype))
-        v = jnp.einsum("bsd,dkh->bskh", x, self.v[...].astype(self.dtype))
+        k = dense("bsd,dkh->bskh", x, kernel(self, "k", self.dtype))
+        v = dense("bsd,dkh->bskh", x, kernel(self, "v", self.dtype))
         return (constrain(k, ("batch", "length", "heads", "kv")),
                 constrain(v, ("batch", "length", "heads", "kv")))
 
     def output(self, attended: jax.Array) -> jax.Array:
-        out = jnp.einsum("btnh,nhd->btd", attended, self.o[...].astype(self.dtype))
+        out = dense("btnh,nhd->btd", attended, kernel(self, "o", self.dtype))
         return constrain(out, ("batch", "length", "embed"))
 
     def decode_output(self, attended: jax.Array) -> jax.Array:
@@ -136,8 +137,14 @@ class Attention(nnx.Module):
         (With the einsum form XLA:CPU transposed the [heads, kv, embed] kernel on every
         decoding step to match the attention output's layout.)"""
         n, t, heads, kv = attended.shape
-        kernel = self.o[...].astype(self.dtype).reshape(heads * kv, -1)
-        out = (attended.reshape(n * t, heads * kv) @ kernel).reshape(n, t, -1)
+        w = kernel(self, "o", self.dtype)
+        if isinstance(w, QTensor):  # int8: contracted axes lead, so the same 2-D form works
+            w2 = QTensor(w.value.reshape(heads * kv, -1), w.scale.reshape(1, -1),
+                         w.activations, w.dtype)
+            out = dense("nk,kd->nd", attended.reshape(n * t, heads * kv), w2).reshape(n, t, -1)
+        else:
+            out = (attended.reshape(n * t, heads * kv) @ w.reshape(heads * kv, -1)
+                   ).reshape(n, t, -1)
         return constrain(out, ("batch", "length", "embed"))
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
@@ -172,7 +179,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
         raise ValueError(f"{n} query rows cannot share {batch} key/value rows.")
     reps = n // batch
     groups = num_heads // kv_heads
-    qg = q.reshape(batch, reps * q_len, kv_heads, groups, head_dim)
+    # keys/values stored narrower than q (a bfloat16 cross K/V cache): the dots run in their
+    # dtype, so the cache is read as it is, never widened per step
+    qg = q.reshape(batch, reps * q_len, kv_heads, groups, head_dim).astype(k.dtype)
     logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
@@ -181,7 +190,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     # Output [b, k, g, t, h], then the (small) transpose: asking the dot for "btkgh" directly
     # made XLA:CPU run it about 10x slower once t > 1 (beams sharing cross K/V).
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v).astype(q.dtype)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, q_len, num_heads, head_dim)
 
 

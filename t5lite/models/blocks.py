@@ -28,6 +28,7 @@ from t5lite.config import ModelConfig
 from t5lite.models.attention import Attention, decode_attention, write_position
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
+from t5lite.models.quant import dense, kernel
 from t5lite.models.positions import RelativePositionBias, apply_rope
 from t5lite.parallel.rules import constrain
 
@@ -114,10 +115,9 @@ class Layer(nnx.Module):
         """Cross-attention keys/values of the encoder output in the cache layout [B, K, S, H]
         (computed once per request for `decode_step`)."""
         w = self.cross_attention
-        kernel = lambda p: p[...].astype(w.dtype)  # noqa: E731
         names = ("batch", "kv_heads", "length", "kv")
-        k = jnp.einsum("bsd,dkh->bksh", encoded, kernel(w.k))
-        v = jnp.einsum("bsd,dkh->bksh", encoded, kernel(w.v))
+        k = dense("bsd,dkh->bksh", encoded, kernel(w, "k", w.dtype))
+        v = dense("bsd,dkh->bksh", encoded, kernel(w, "v", w.dtype))
         return constrain(k, names), constrain(v, names)
 
     def decode_step(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],

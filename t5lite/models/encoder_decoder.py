@@ -29,6 +29,7 @@ from t5lite.errors import UserError
 from t5lite.models.blocks import Context, Stack, Stats, add_stats
 from t5lite.models.layers import Embed, dropout, make_param, normal, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, segment_mask
+from t5lite.models.quant import dense, kernel
 from t5lite.parallel.rules import constrain
 
 
@@ -83,8 +84,8 @@ class ModelBase(nnx.Module):
                 x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
             out = self.embed.attend(x)
         else:
-            out = jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(x.dtype),
-                             preferred_element_type=jnp.float32)
+            out = dense("...d,dv->...v", x, kernel(self, "lm_head", x.dtype),
+                        preferred_element_type=jnp.float32)
         if out.ndim == 3:
             out = constrain(out, ("batch", "length", "vocab"))
         return out

@@ -71,12 +71,18 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        from t5lite.models.quant import embed_lookup, is_quantized
+
+        if is_quantized(self, "embedding"):
+            return embed_lookup(self, tokens, self.dtype)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits [..., vocab] in float32 against the embedding table."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        from t5lite.models.quant import dense, kernel
+
+        return dense("...d,vd->...v", x, kernel(self, "embedding", self.dtype),
+                     preferred_element_type=jnp.float32)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

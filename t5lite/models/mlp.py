@@ -33,6 +33,7 @@ from flax import nnx
 from t5lite.config import ModelConfig
 from t5lite.models.layers import (activation_fn, dropout, make_param, normal,
                                   shared_input_dense)
+from t5lite.models.quant import dense, is_quantized, kernel
 from t5lite.parallel.rules import constrain
 
 STAT_NAMES = ("aux_loss", "z_loss", "assigned", "dropped")
@@ -62,15 +63,15 @@ class MLP(nnx.Module):
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
         del token_mask
         dt = self.dtype
-        if self.gated:
-            a, b = shared_input_dense(x, self.wi_0[...].astype(dt), self.wi_1[...].astype(dt))
-            h = self.act(a) * b
+        names = ("wi_0", "wi_1") if self.gated else ("wi",)
+        if is_quantized(self, names[0]):
+            hs = [dense("btd,df->btf", x, kernel(self, n, dt)) for n in names]
         else:
-            (a,) = shared_input_dense(x, self.wi[...].astype(dt))
-            h = self.act(a)
+            hs = shared_input_dense(x, *(kernel(self, n, dt) for n in names))
+        h = self.act(hs[0]) * hs[1] if self.gated else self.act(hs[0])
         h = constrain(h, ("batch", "length", "mlp"))
         h = dropout(h, self.dropout_rate, dropout_key)
-        y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(dt))
+        y = dense("btf,fd->btd", h, kernel(self, "wo", dt))
         return constrain(y, ("batch", "length", "embed")), zero_stats()
 
 
