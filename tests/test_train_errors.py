@@ -76,15 +76,23 @@ def test_bad_input_gives_one_error_line(repo_root, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model_dir = str(tmp_path / "nan")
-    tc = TrainConfig(train_steps=20, batch_size=8, checkpoint_period=1, log_period=5,
-                     eval_period=None, async_checkpointing=False,
-                     optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(
-                         name="constant", base_learning_rate=1e30, warmup_steps=0)))
+
+    def config(lr: float, steps: int) -> TrainConfig:
+        return TrainConfig(train_steps=steps, batch_size=8, checkpoint_period=1, log_period=5,
+                           eval_period=None, async_checkpointing=False,
+                           optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(
+                               name="constant", base_learning_rate=lr, warmup_steps=0)))
+
     mc = tiny_model_config(num_encoder_layers=1, num_decoder_layers=1)
-    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*last good checkpoint is step 1"):
-        train(mc, tc, make_mesh(MeshConfig(data=8)), SyntheticData(8, eval_batches=0),
-              model_dir, console=False)
-    assert checkpoint.latest_step(model_dir) == 1
+    mesh = make_mesh(MeshConfig(data=8))
+    train(mc, config(1e-3, 2), mesh, SyntheticData(8, eval_batches=0), model_dir, console=False)
+    # step 3's update overflows the parameters (its loss, computed before the update, is still
+    # finite): the run stops there and step 3 is never saved
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
+        train(mc, config(1e30, 20), mesh, SyntheticData(8, eval_batches=0), model_dir,
+              console=False)
+    assert checkpoint.latest_step(model_dir) == 2
+    assert NonFiniteLossError.exit_status == 3
 
 
 def test_architecture_and_feature_converter_mismatch_is_one_config_error(tmp_path):

@@ -102,8 +102,10 @@ def test_accumulation_equals_one_big_batch():
     assert np.isclose(float(acc_metrics["cross_entropy"]), token_mean, rtol=1e-5)
     assert np.isclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-5)
     assert np.isclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-5)
+    # AdamW's first step is ~lr * sign(g): where a gradient entry is ~1e-8 (Adam's eps) the
+    # summation order moves it by up to ~0.5% of the 1e-2 step, hence atol 1e-4
     for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_refused():
