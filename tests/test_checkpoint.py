@@ -119,7 +119,7 @@ def test_params_only_checkpoint_and_resume_rules(saved_on_8x1, tmp_path):
     assert plan_start(setup, params_dir, None).source == "checkpoint_params"
     fresh_dir = str(tmp_path / "fresh")
     plan = plan_start(setup, fresh_dir, init_from=model_dir)  # a full train checkpoint
-    assert plan.source == "init_from" and plan.step == 0
+    assert plan.source == "init_from" and plan.step == 1  # the source checkpoint's step
     ckpt = checkpoint.TrainCheckpointer(fresh_dir)
     state, position = load_start(setup, plan, ckpt)  # parameters only: fresh optimiser, step 0
     ckpt.close()
