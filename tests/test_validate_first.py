@@ -38,7 +38,8 @@ TRAIN_CASES = {
     "shape_changed": (["--gin.ModelConfig.d_ff=48"], {}, None,
                       "another architecture: d_ff: 32 -> 48"),
     "converter_mismatch": (["--gin.FEATURE_CONVERTER=prefix_lm"], {}, None,
-                           "needs FEATURE_CONVERTER = \"enc_dec\""),
+                           "reads 'enc_dec' batches but DataConfig.feature_converter="
+                           "'prefix_lm'"),
     "run_info_keys": ([], {}, _bad_run_info, "unknown keys ['vocab_file'] and missing keys "
                                              "['vocabulary']"),
     "num_processes": ([], {"T5LITE_NUM_PROCESSES": "two"}, None,

@@ -79,7 +79,6 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
                         "fastest).")
     from t5lite.train import preflight  # refuse bad input before the model dir is written
 
-    preflight.check_feature_converter(cfg.model_config, cfg.data_config.feature_converter)
     preflight.check_data(cfg.data_config)
     mesh = make_mesh(cfg.mesh_config)
     run_info = RunInfo(task=name,

@@ -5,8 +5,6 @@
 starts. Every input that can be refused is refused before that, so a rejected command leaves the
 model dir byte-identical:
 
-- `check_feature_converter`: the data layout must fit the architecture (an encoder-decoder reads
-  `enc_dec` batches, a decoder-only model `prefix_lm` batches);
 - `check_data`: the task's pipeline is built once (nothing is read), which runs the objective's
   length checks (e.g. span corruption with a targets length too short for its inputs length);
 - `check_model_dir`: an existing `run_info.json` / `model_config.json` must be readable, and when
@@ -15,12 +13,11 @@ model dir byte-identical:
 - `check_optimizer_state`: a full checkpoint's optimiser state must fit the configured optimiser
   (the message names the entries that differ) instead of failing inside Orbax.
 
-Example::
+The architecture / feature-converter pairing is checked by `t5lite.config.check_feature_converter`
+(called by the training loop before it writes). Example::
 
-    >>> check_feature_converter(ModelConfig(architecture="decoder_only", num_encoder_layers=0),
-    ...                         "enc_dec")
-    Traceback (most recent call last):
-    ConfigError: architecture='decoder_only' needs FEATURE_CONVERTER = "prefix_lm" ...
+    >>> config_changes(ModelConfig(d_ff=64), ModelConfig(d_ff=96, dropout_rate=0.1))
+    ['d_ff: 64 -> 96']
 """
 
 from __future__ import annotations
@@ -35,21 +32,6 @@ from t5lite.errors import ConfigError, UserError
 # differ between a checkpoint and the run that resumes from it.
 RUNTIME_FIELDS = frozenset({"dropout_rate", "dtype", "remat_policy", "attention_impl",
                             "expert_capacity_factor", "moe_dropless"})
-
-_CONVERTER_FOR = {"encoder_decoder": "enc_dec", "decoder_only": "prefix_lm"}
-
-
-def check_feature_converter(model_config: Any, feature_converter: str) -> None:
-    """ConfigError when the feature converter's batches do not fit the architecture."""
-    want = _CONVERTER_FOR.get(model_config.architecture)
-    if want is not None and feature_converter != want:
-        raise ConfigError(
-            f"architecture={model_config.architecture!r} needs FEATURE_CONVERTER = \"{want}\" "
-            f"(DataConfig.feature_converter), got {feature_converter!r}: the "
-            f"{feature_converter} batches have no "
-            + ("encoder inputs for the encoder" if want == "enc_dec" else
-               "single decoder stream for a decoder-only model")
-            + f"; set --gin.FEATURE_CONVERTER={want} or change ModelConfig.architecture.")
 
 
 def check_data(data_config: Any) -> None:
