@@ -39,7 +39,7 @@ def check_data(data_config: Any) -> None:
     ConfigErrors (unknown split, sequence lengths too short for the objective, ...)."""
     from t5lite.data.pipeline import build_dataset
 
-    cfg = dataclasses.replace(data_config, split="train", batch_size=1, num_epochs=None)
+    cfg = dataclasses.replace(data_config, split="train", host_batch_size=1, num_epochs=None)
     build_dataset(cfg)
 
 
