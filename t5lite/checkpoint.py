@@ -630,3 +630,21 @@ def _is_read_failure(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# ---------------------------------------------------------------- compatibility (read only)
+
+def opt_state_shapes(opt_state: Any) -> dict[str, tuple[int, ...]]:
+    """`{entry: shape}` of an optimiser state as a full checkpoint stores it."""
+    return {k: tuple(getattr(v, "shape", ())) for k, v in _flat(opt_state).items()}
+
+
+def saved_opt_state_shapes(model_dir: str, step: int) -> dict[str, tuple[int, ...]] | None:
+    """`{entry: shape}` of the optimiser state saved at `step` (None: a params-only
+    checkpoint). Reads metadata only."""
+    with _manager(_resolve_dir(model_dir)) as mngr:
+        meta = mngr.item_metadata(step).get("train")
+    if meta is None:
+        return None
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    return {k: tuple(getattr(v, "shape", ()) or ()) for k, v in tree["opt_state"].items()}

@@ -39,6 +39,18 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# Exit statuses: 0 done (or stopped by SIGTERM / SIGINT after saving), 2 bad input (one
+# `error:` line), 3 the training loss became NaN/inf (the last good checkpoint is kept),
+# 130 interrupted without saving (a second Ctrl-C).
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def exit_status(error: UserError) -> int:
+    """The exit status for `error`: its `exit_status` attribute, else 2 (bad input)."""
+    return int(getattr(error, "exit_status", EXIT_BAD_INPUT))
+
+
 def _usage() -> str:
     lines = ["usage: t5lite <verb> [--flags]", "", "verbs:"]
     for verb, (_, text) in VERBS.items():
@@ -124,7 +136,7 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
                 module.main()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exit_status(e))
         except OSError as e:  # a full disk anywhere else (run files, TensorBoard, exports)
             import errno
 
@@ -135,6 +147,10 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
             print(f"error: {disk_full_error(e.filename or os.getcwd(), 'writing')}",
                   file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as e:  # a second Ctrl-C in `t5lite train`, or Ctrl-C elsewhere
+            print(f"t5lite {verb}: interrupted: {e or 'stopped without saving'}.",
+                  file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     flags.FLAGS.append_flag_values(verb_flags)
     try:

@@ -63,6 +63,11 @@ def _read_json(path: str, what: str) -> dict:
         return json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or re-run `t5lite train`.")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); restore it "
+                        "or re-run `t5lite train`.") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read: {e.strerror}.") from None
 
 
 def write_model_config(model_dir: str, config: ModelConfig) -> None:
@@ -81,14 +86,43 @@ def write_run_info(model_dir: str, info: RunInfo) -> None:
 
 
 def read_run_info(model_dir: str) -> RunInfo:
-    values = _read_json(os.path.join(model_dir, RUN_INFO_FILE),
-                        "the model's vocabulary and feature lengths are unknown")
-    info = RunInfo(**values)
+    path = os.path.join(model_dir, RUN_INFO_FILE)
+    info = run_info_from_dict(_read_json(path, "the model's vocabulary and feature lengths are "
+                                         "unknown"), path)
     if not storage.isabs(info.vocabulary):
         candidate = os.path.join(model_dir, info.vocabulary)
         if storage.exists(candidate):
             info = dataclasses.replace(info, vocabulary=candidate)
     return info
+
+
+def run_info_from_dict(values: object, path: str = RUN_INFO_FILE) -> RunInfo:
+    """A RunInfo from the JSON object of `path`; UserError naming unknown, missing or
+    mistyped keys."""
+    fields = {f.name: f for f in dataclasses.fields(RunInfo)}
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+    fix = "fix the file, or delete it and re-run `t5lite train` to rewrite it"
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a JSON object with keys {sorted(fields)}; {fix}.")
+    unknown = sorted(set(values) - set(fields))
+    missing = sorted(required - set(values))
+    if unknown or missing:
+        what = ([f"unknown keys {unknown}"] if unknown else []) + (
+            [f"missing keys {missing}"] if missing else [])
+        raise UserError(f"{path} has {' and '.join(what)} (expected {sorted(fields)}); {fix}.")
+    lengths = values["task_feature_lengths"]
+    if not isinstance(lengths, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in lengths.items()):
+        raise UserError(f"{path}: task_feature_lengths must map feature names to positive "
+                        f"ints, got {lengths!r}; {fix}.")
+    checks = {"task": (str, type(None)), "vocabulary": (str,), "extra_ids": (int,),
+              "feature_converter": (str,)}
+    for key, types in checks.items():
+        if key in values and (not isinstance(values[key], types)
+                              or isinstance(values[key], bool)):
+            raise UserError(f"{path}: {key} has the wrong type ({values[key]!r}); {fix}.")
+    return RunInfo(**values)
 
 
 def checkpoint_dir(model_dir: str) -> str:

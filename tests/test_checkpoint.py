@@ -17,7 +17,8 @@ from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.train.config import TrainConfig
 from t5lite.train.loop import train
 from t5lite.train.setup import load_start, make_setup, plan_start
-from train_fixtures import N_STEPS, SyntheticData, resume_config, tiny_model_config
+from t5lite.parallel.hosts import host_to_global
+from train_fixtures import N_STEPS, SyntheticData, global_batch, resume_config, tiny_model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "train_child.py")
@@ -71,12 +72,14 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_on_8x1(tmp_path_factory):
-    """A full train-state checkpoint written on an 8x1 (data) mesh."""
+    """A full train-state checkpoint written on an 8x1 (data) mesh after one train step (so
+    its optimiser state is not all zeros)."""
     model_dir = str(tmp_path_factory.mktemp("mesh8x1"))
     mc = tiny_model_config()
     setup = make_setup(mc, TrainConfig(train_steps=5, batch_size=8),
                        make_mesh(MeshConfig(data=8)))
-    state = setup.fresh_state()
+    state, _ = setup.train_step(setup.fresh_state(),
+                                host_to_global(global_batch(0, 8), setup.batch_sharding, 8))
     host = jax.device_get(state)
     ckpt = checkpoint.TrainCheckpointer(model_dir)
     ckpt.save(state, data_position=7)
@@ -89,7 +92,7 @@ def test_restore_onto_a_2x4_mesh(saved_on_8x1):
     setup = make_setup(mc, TrainConfig(train_steps=5, batch_size=8, partitioning="fsdp_tp"),
                        make_mesh(MeshConfig(data=1, fsdp=2, tensor=4)))
     ckpt = checkpoint.TrainCheckpointer(model_dir)
-    state, meta = ckpt.restore(0, setup.abstract_state)
+    state, meta = ckpt.restore(1, setup.abstract_state)
     ckpt.close()
     assert meta["data_position"] == 7
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host)):
@@ -116,12 +119,14 @@ def test_params_only_checkpoint_and_resume_rules(saved_on_8x1, tmp_path):
     assert plan_start(setup, params_dir, None).source == "checkpoint_params"
     fresh_dir = str(tmp_path / "fresh")
     plan = plan_start(setup, fresh_dir, init_from=model_dir)  # a full train checkpoint
-    assert plan.source == "init_from" and plan.step == 0
+    assert plan.source == "init_from" and plan.step == 1  # the source checkpoint's step
     ckpt = checkpoint.TrainCheckpointer(fresh_dir)
     state, position = load_start(setup, plan, ckpt)  # parameters only: fresh optimiser, step 0
     ckpt.close()
     assert position == 0 and int(state.step) == 0
     assert np.array_equal(state.params["lm_head"], host.params["lm_head"])
+    # the source's optimiser state is not zero (one step taken); the new one is fresh
+    assert any(float(np.abs(x).sum()) > 0 for x in jax.tree.leaves(host.opt_state))
     assert all(float(np.abs(x).sum()) == 0 for x in jax.tree.leaves(state.opt_state))
     assert plan_start(setup, fresh_dir, None).source == "scratch"
 
@@ -141,3 +146,24 @@ def test_checkpoint_of_another_shape_is_refused(saved_on_8x1):
     with pytest.raises(UserError, match="no checkpoint"):
         checkpoint.restore_params(os.path.join(model_dir, "nothing"),
                                   setup.abstract_state.params)
+
+
+def test_checkpoint_with_missing_or_extra_parameters_is_refused(saved_on_8x1):
+    model_dir, mc, _ = saved_on_8x1
+
+    def abstract(cfg):
+        return make_setup(cfg, TrainConfig(train_steps=5, batch_size=8),
+                          make_mesh(MeshConfig(data=8))).abstract_state.params
+
+    # tied embeddings: the model has no lm_head, the (untied) checkpoint has one
+    with pytest.raises(UserError, match=r"it has parameter lm_head \(32, 64\) that the model "
+                                        r"does not have"):
+        checkpoint.check_params_compatible(model_dir, abstract(mc.replace(tie_embeddings=True)))
+    # the other way round: a tied checkpoint lacks the untied model's lm_head
+    tied_dir = os.path.join(os.path.dirname(model_dir), "tied")
+    tied = abstract(mc.replace(tie_embeddings=True))
+    checkpoint.save_params(tied_dir, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tied))
+    with pytest.raises(UserError, match=r"parameter lm_head \(32, 64\) is missing from the "
+                                        r"checkpoint"):
+        checkpoint.check_params_compatible(tied_dir, abstract(mc))
+    assert checkpoint.check_params_compatible(tied_dir, tied) == 0

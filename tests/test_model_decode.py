@@ -303,9 +303,9 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
                                                   rngs=nnx.Rngs(params=0)))
     kernels = {a.size for m in (gen.model, unrolled)  # stacked and per-layer parameters
                for a in jax.tree.leaves(nnx.state(m, nnx.Param)) if a.size >= 256}
-    sizes = {cross, cross * layers, cross * beams, cache, cache * layers} | kernels
     if arch == "decoder_only":  # the cache holds the prompt and the outputs
         cache = batch * beams * (src + steps) * kv
+    sizes = {cross, cross * layers, cross * beams, cache, cache * layers} | kernels
     # the decoding loop carries the generated tokens
     out = f"s32[{batch},{steps}]" if method == "greedy" else f"s32[{batch},{beams},{steps}]"
     loops = [b for b in _while_bodies(hlo) if out in b.splitlines()[0]]

@@ -15,6 +15,7 @@ from t5lite.train.config import TrainConfig
 from t5lite.train.loop import NonFiniteLossError, train
 from t5lite.train.optim import OptimizerConfig
 from t5lite.train.schedules import ScheduleConfig
+from cli_util import dir_digest
 from train_fixtures import SyntheticData, tiny_model_config
 
 
@@ -26,31 +27,22 @@ def _start(repo_root: str, args: list[str]) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _snapshot(path: str) -> dict[str, float]:
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            out[full] = os.path.getmtime(full)
-    return out
-
-
 @pytest.mark.slow
 def test_bad_input_gives_one_error_line(repo_root, tmp_path):
     bad_gin = tmp_path / "bad.gin"
     bad_gin.write_text('include "gin/demo.gin"\nTRAIN_STEPS = (1,\nBATCH_SIZE = 8\n')
-    # a model dir holding a checkpoint of another shape (a tiny model) and its config
+    # a dir holding only a checkpoint of another shape (a tiny model; no model_config.json, so
+    # the parameter shapes are what is compared: tests/test_validate_first.py covers the
+    # model_config.json comparison)
     other = str(tmp_path / "other_shape")
     mc = tiny_model_config()
-    from t5lite.model_dir import write_model_config
     from t5lite.models import abstract_model
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(abstract_model(mc), nnx.Param))
     params = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), params)
     checkpoint.save_params(other, params, step=5)
-    write_model_config(other, mc)
-    before = _snapshot(other)
+    before = dir_digest(other)
 
     cases = {
         "gin": ([f"--gin_file={bad_gin}", f"--model_dir={tmp_path / 'a'}"],
@@ -71,20 +63,28 @@ def test_bad_input_gives_one_error_line(repo_root, tmp_path):
         assert "Traceback" not in err, (name, err[-3000:])
     for sub in ("a", "b", "c"):
         assert not os.path.exists(tmp_path / sub / "checkpoints")
-    assert _snapshot(other) == before  # nothing in the other model's dir was touched
+    assert dir_digest(other) == before  # nothing in the other model's dir was touched
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model_dir = str(tmp_path / "nan")
-    tc = TrainConfig(train_steps=20, batch_size=8, checkpoint_period=1, log_period=5,
-                     eval_period=None, async_checkpointing=False,
-                     optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(
-                         name="constant", base_learning_rate=1e30, warmup_steps=0)))
+
+    def config(lr: float, steps: int) -> TrainConfig:
+        return TrainConfig(train_steps=steps, batch_size=8, checkpoint_period=1, log_period=5,
+                           eval_period=None, async_checkpointing=False,
+                           optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(
+                               name="constant", base_learning_rate=lr, warmup_steps=0)))
+
     mc = tiny_model_config(num_encoder_layers=1, num_decoder_layers=1)
-    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*last good checkpoint is step 1"):
-        train(mc, tc, make_mesh(MeshConfig(data=8)), SyntheticData(8, eval_batches=0),
-              model_dir, console=False)
-    assert checkpoint.latest_step(model_dir) == 1
+    mesh = make_mesh(MeshConfig(data=8))
+    train(mc, config(1e-3, 2), mesh, SyntheticData(8, eval_batches=0), model_dir, console=False)
+    # step 3's update overflows the parameters (its loss, computed before the update, is still
+    # finite): the run stops there and step 3 is never saved
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
+        train(mc, config(1e30, 20), mesh, SyntheticData(8, eval_batches=0), model_dir,
+              console=False)
+    assert checkpoint.latest_step(model_dir) == 2
+    assert NonFiniteLossError.exit_status == 3
 
 
 def test_architecture_and_feature_converter_mismatch_is_one_config_error(tmp_path):

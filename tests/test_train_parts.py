@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from t5lite.errors import ConfigError, UserError
 from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.parallel.rules import get_rules, opt_state_shardings
-from t5lite.train.adafactor import adafactor, factor_spec
+from t5lite.train.adafactor import FactorSpec, adafactor, factor_spec
 from t5lite.train.losses import LossConfig, token_loss_sums
 from t5lite.train.optim import OptimizerConfig, make_optimizer, weight_decay_mask
 from t5lite.train.schedules import ScheduleConfig, make_schedule
@@ -49,7 +49,12 @@ def test_factor_spec_follows_logical_axes():
     assert not factor_spec((6, 512), ("layers", "embed")).factored  # norm scale
     assert not factor_spec((32, 8), ("relpos_buckets", "heads")).factored
     assert not factor_spec((64, 512), ("embed", "mlp")).factored  # a dim group below 128
-    assert factor_spec((300, 200), None) == factor_spec((300, 200), None)  # fallback works
+    # without logical axes: the two largest dims (the larger one is the column), if the
+    # smaller of them reaches min_dim_size_to_factor
+    assert factor_spec((300, 200), None) == FactorSpec(row=(1,), col=(0,), batch=())
+    assert factor_spec((4, 256, 512), None) == FactorSpec(row=(1,), col=(2,), batch=())
+    assert not factor_spec((300, 100), None).factored
+    assert not factor_spec((300,), None).factored
 
 
 def _reference_adafactor(g, p, v_row, v_col, t, row_axis=0, col_axis=1):

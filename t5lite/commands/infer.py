@@ -78,10 +78,19 @@ def read_inputs(text: str | None, path: str | None) -> list[str]:
 
     if not storage.isfile(path):
         raise UserError(f"--input_file {path!r} does not exist.")
-    lines = storage.read_text(path).splitlines()
+    try:
+        lines = storage.read_text(path).splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--input_file {path!r} is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start}); convert it, e.g. `iconv -t UTF-8`.") from None
+    except OSError as e:
+        raise UserError(f"--input_file {path!r} cannot be read: {e.strerror}.") from None
     if not lines:
         raise UserError(f"--input_file {path!r} is empty: nothing to decode (one input per "
                         "line).")
+    if not any(line.strip() for line in lines):
+        raise UserError(f"--input_file {path!r} has only blank lines: nothing to decode (one "
+                        "input per line).")
     return lines
 
 

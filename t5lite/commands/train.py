@@ -81,6 +81,9 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
                         f"ids) but ModelConfig.vocab_size={cfg.model_config.vocab_size}; set "
                         f"ModelConfig.vocab_size >= {vocab.vocab_size} (a multiple of 128 is "
                         "fastest).")
+    from t5lite.train import preflight  # refuse bad input before the model dir is written
+
+    preflight.check_data(cfg.data_config)
     data = SeqioData(cfg.data_config)
     if cfg.train_config.distill is not None:
         from t5lite.train.teacher import distillation_data

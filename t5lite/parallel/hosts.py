@@ -47,9 +47,9 @@ def initialize_distributed(coordinator_address: str | None = None,
     env = os.environ
     coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
     if num_processes is None and env.get(ENV_NUM_PROCESSES):
-        num_processes = int(env[ENV_NUM_PROCESSES])
+        num_processes = _env_int(ENV_NUM_PROCESSES, minimum=1)
     if process_id is None and env.get(ENV_PROCESS_ID):
-        process_id = int(env[ENV_PROCESS_ID])
+        process_id = _env_int(ENV_PROCESS_ID, minimum=0)
     auto = env.get(ENV_AUTO, "").lower() == "auto"
     if coordinator_address is None and not auto:
         if num_processes not in (None, 1):
@@ -70,6 +70,19 @@ def initialize_distributed(coordinator_address: str | None = None,
     else:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return jax.process_count() > 1
+
+
+def _env_int(name: str, minimum: int) -> int:
+    """The integer in environment variable `name`; UserError naming it otherwise."""
+    text = os.environ[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"${name}={os.environ[name]!r} is not an integer; set it to a whole "
+                        f"number >= {minimum} (or unset it).") from None
+    if value < minimum:
+        raise UserError(f"${name}={value} must be >= {minimum}.")
+    return value
 
 
 def sync_hosts(name: str) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -66,7 +67,9 @@ class DataSource(Protocol):
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (`t5lite train` exits with status 3)."""
+
+    exit_status = 3
 
 
 @dataclasses.dataclass
@@ -97,6 +100,12 @@ class _StopFlag:
         del frame
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        if self.signal is None:
+            name = signal.Signals(signum).name
+            extra = "; press Ctrl-C again to stop without saving" if (
+                signum == signal.SIGINT) else ""
+            print(f"t5lite train: {name} received: saving the current step, then stopping"
+                  f"{extra}.", file=sys.stderr, flush=True)
         self.signal = signum
 
     def __exit__(self, *exc) -> None:
@@ -180,6 +189,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh, data
         log.info("start: %s", plan.reason)
         run = _Run(setup, state, data_position, plan, data, ckpt, writer, bar, predict_eval_fn)
         return run.run(t_start)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint
+        good = ckpt.latest_step()
+        where = (f"the newest checkpoint is step {good} in {ckpt.directory}" if good is not None
+                 else "no checkpoint was written")
+        raise KeyboardInterrupt(f"stopped without saving; {where}") from None
     finally:
         ckpt.close()
         writer.close()

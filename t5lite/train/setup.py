@@ -236,11 +236,16 @@ class StartPlan:
 
 def plan_start(setup: TrainSetup, model_dir: str, init_from: str | None) -> StartPlan:
     """Decide (read-only) where the first train state comes from; validate shapes."""
+    from t5lite.train import preflight
+
     abs_params = setup.abstract_state.params
+    preflight.check_model_dir(model_dir, setup.model_config)  # run files, architecture changes
     latest = checkpoint.latest_step(model_dir)
     if latest is not None:
         checkpoint.check_params_compatible(model_dir, abs_params, latest)
         kind = checkpoint.checkpoint_kind(model_dir, latest)
+        if kind == "train":
+            preflight.check_optimizer_state(model_dir, latest, setup.abstract_state.opt_state)
         also = f"; init_from={init_from} is ignored because" if init_from else "; "
         if kind == "train":
             return StartPlan("checkpoint", model_dir, latest,

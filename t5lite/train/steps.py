@@ -160,7 +160,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
+            # the updated parameters too: a finite loss with an overflowing update must not
+            # be saved as a "good" checkpoint
+            "finite": (jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+                       & jnp.isfinite(optax.tree.norm(params))),
         }
         metrics.update(aux)
         if distill is not None:
