@@ -12,11 +12,11 @@ from t5lite import checkpoint
 _save = checkpoint.TrainCheckpointer.save
 
 
-def _slow_save(self, state, data_position):
+def _slow_save(self, state, data_position, *args, **kwargs):
     print(f"SLOW_SAVE_HOOK: saving batch position {data_position} in 120 s", file=sys.stderr,
           flush=True)
     time.sleep(120)
-    return _save(self, state, data_position)
+    return _save(self, state, data_position, *args, **kwargs)
 
 
 checkpoint.TrainCheckpointer.save = _slow_save

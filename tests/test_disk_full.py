@@ -126,7 +126,7 @@ def test_the_cli_reports_a_full_disk_as_one_error_line(small_disk, tmp_path, rep
          f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=1", "--gin.ModelConfig.num_encoder_layers=1",
          "--gin.ModelConfig.num_decoder_layers=1", "--gin.ModelConfig.d_model=32",
          "--gin.ModelConfig.d_ff=64", "--gin.ModelConfig.num_heads=2",
-         "--gin.ModelConfig.head_dim=16"],
+         "--gin.ModelConfig.head_dim=16", "--gin.ScheduleConfig.warmup_steps=0"],
         capture_output=True, text=True, cwd=repo_root, env=env, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]

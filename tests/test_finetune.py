@@ -168,7 +168,7 @@ def test_transformers_round_trip(tmp_path):
     vocab_path = make_vocab(str(tmp_path))
     hf_dir, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
     save_random_t5(hf_dir, "v1_1", vocab_size=448, seed=3)
-    import_hf(hf_dir, imported, vocab=vocab_path, inputs_length=24, targets_length=8)
+    import_hf(hf_dir, imported, vocab=vocab_path, inputs_length=32, targets_length=8)
 
     rng = np.random.default_rng(0)
     lines = []
@@ -184,7 +184,7 @@ def test_transformers_round_trip(tmp_path):
         f"--gin.TRAIN_FILES={tmp_path / 'train.tsv'}",
         f"--gin.VALIDATION_FILES={tmp_path / 'dev.tsv'}", "--gin.TASK_PREFIX=first two: ",
         "--gin.METRICS=exact_match,rouge,bleu",
-        "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", "--gin.BATCH_SIZE=8",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
         "--gin.TRAIN_STEPS=3", "--gin.EVAL_STEPS=1", "--gin.LOG_PERIOD=1"])
     result = train_command.run([os.path.join(imported, "model.gin"), "gin/runs/finetune.gin"],
                                bindings, ft_dir, module_imports=[], console=False)

@@ -106,10 +106,10 @@ def test_fsdp_over_two_processes_saves_cooperatively_and_keeps_two(fsdp_run):
 @pytest.mark.slow
 def test_fsdp_checkpoint_restores_onto_1x8_and_4x2_identically(fsdp_run, tmp_path, repo_root):
     on_8 = _restore_on_one_process(fsdp_run, MeshConfig(data=1, fsdp=8))
-    on_1 = _restore_on_one_process(fsdp_run, MeshConfig(data=1))
-    assert on_8.keys() == on_1.keys()
+    replicated = _restore_on_one_process(fsdp_run, MeshConfig(data=-1))  # 1 x 8, no fsdp
+    assert on_8.keys() == replicated.keys()
     for k in on_8:
-        np.testing.assert_array_equal(on_8[k], on_1[k])
+        np.testing.assert_array_equal(on_8[k], replicated[k])
 
     out = str(tmp_path / "4x2.npz")
     port = _free_port()
