@@ -33,6 +33,7 @@ Public API used outside training::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -379,13 +381,8 @@ def check_params_compatible(model_dir: str, abstract_params: Any, step: int | No
         if step not in mngr.all_steps():
             raise UserError(f"no checkpoint for step {step} in {directory}; available steps: "
                             f"{list(mngr.all_steps())}.")
-        try:
+        with _read_of_step(step, directory):
             meta = mngr.item_metadata(step).get("params")
-        except Exception as e:  # noqa: BLE001
-            if not _is_read_failure(e):
-                raise
-            raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
-                                               f"({_brief(e)})"), directory) from None
     saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
     wanted = _flat_shapes(_to_pure(abstract_params))
     for name in sorted(set(saved) | set(wanted)):
@@ -420,6 +417,21 @@ def _as_state_like(template: Any, pure: Any) -> Any:
     return pure
 
 
+@contextlib.contextmanager
+def _read_of_step(step: int, directory: str) -> Iterator[None]:
+    """Turn a failure to read the stored arrays or metadata of `step` (a missing, empty or
+    truncated file) into `BrokenCheckpointError`; other errors pass unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not _is_read_failure(e):
+            raise
+        raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
+                                           f"({_brief(e)})"), directory) from None
+
+
 def _brief(exc: BaseException) -> str:
     while exc.__cause__ is not None:  # the root cause names the file
         exc = exc.__cause__
@@ -452,17 +464,9 @@ def restore_params_and_step(model_dir: str, abstract_params: Any, shardings: Any
     while True:
         try:
             step = check_params_compatible(directory, abstract_params, step)
-            try:
-                with _manager(directory) as mngr:
-                    restored = mngr.restore(step, args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(target)))
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                if not _is_read_failure(e):
-                    raise
-                raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
-                                                   f"({_brief(e)})"), directory) from None
+            with _read_of_step(step, directory), _manager(directory) as mngr:
+                restored = mngr.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(target)))
             return _as_state_like(abstract_params, restored["params"]), step
         except BrokenCheckpointError as e:
             if explicit or not set_aside:
@@ -553,18 +557,11 @@ class TrainCheckpointer:
         ShapeDtypeStructs carrying the target shardings (any mesh)."""
         flat_opt = _flat(abstract_state.opt_state)
         target = {"opt_state": flat_opt, "step": abstract_state.step, "rng": abstract_state.rng}
-        try:
+        with _read_of_step(step, self.directory):
             restored = self._mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
                 train=ocp.args.StandardRestore(target),
                 meta=ocp.args.JsonRestore()))
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if not _is_read_failure(e):
-                raise
-            raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
-                                               f"({_brief(e)})"), self.directory) from None
         train = restored["train"]
         treedef = jax.tree.structure(abstract_state.opt_state)
         saved_keys = set(train["opt_state"])
