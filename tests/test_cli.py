@@ -80,7 +80,7 @@ def test_unexpected_positional_arguments_are_one_error(verb, capsys):
 @pytest.mark.parametrize("args, want", [
     (["data", "--format=hf"], "--format=hf"),
     (["data", "--no_such_flag=1"], "no_such_flag"),
-    (["infer", "--gin_file=x.gin"], "gin_file"),  # a flag of other verbs only
+    (["export", "--gin_file=x.gin"], "gin_file"),  # a flag of other verbs only
     (["vocab", "--gin.TRAIN_STEPS=3"], "gin.TRAIN_STEPS"),  # gin bindings only where gin is read
     (["nosuchverb"], "unknown verb 'nosuchverb'"),
 ])

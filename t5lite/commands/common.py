@@ -10,7 +10,8 @@ registry to absl's global one for the duration of the run (see `t5lite.cli.run_v
 Flags that several verbs take are defined here once, with one meaning and one default, and a
 verb picks the ones it uses with `use_shared_flags`:
 
-  --gin_file        gin file(s) (train, eval, info); `--gin.NAME=VALUE` bindings come with it
+  --gin_file        gin file(s) (train, eval, info, infer, data, ...); `--gin.NAME=VALUE` bindings
+                    come with it
   --module_import   modules that register SeqIO tasks (train, eval, data, infer)
   --model_dir       a t5lite model dir (train, eval, infer, info, import, export)
   --step            checkpoint step to read (infer, export)

@@ -4,7 +4,9 @@
 
 The architecture comes from `model_config.json`, the task, vocabulary and feature lengths from
 `run_info.json` (override with `EvalConfig.mixture_or_task_name` / `task_feature_lengths`);
-gin sets `EvalConfig` and `MeshConfig`. Prints the loss (nats per target token) and token
+gin sets `EvalConfig` and `MeshConfig`. A model fine-tuned on files (task "text2text") is
+evaluated with the training run's gin files and flags, which name the files
+(`t5lite.commands.task_setup`). Prints the loss (nats per target token) and token
 accuracy next to the unigram entropy of the same targets — the loss of a model that ignores all
 context — and appends the result to `metrics.jsonl` (split "eval").
 """
@@ -49,6 +51,20 @@ def _exp(x: float) -> float:
     return math.exp(min(x, 50.0))
 
 
+def _prepare_task(model_dir: str, eval_config: Any) -> None:
+    """Register the task to evaluate on when it comes from files (text2text: the training
+    run's gin files and flags name them), as `t5lite train` did."""
+    from t5lite import storage
+    from t5lite.commands.task_setup import prepare_task
+    from t5lite.model_dir import read_run_info
+
+    if not storage.isdir(model_dir):
+        return  # evaluate_model_dir says so
+    info = read_run_info(model_dir)
+    prepare_task(eval_config.mixture_or_task_name or info.task, FLAGS.module_import,
+                 eval_config.task_feature_lengths or info.task_feature_lengths)
+
+
 def main(gin_bindings: Sequence[str]) -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
@@ -59,6 +75,7 @@ def main(gin_bindings: Sequence[str]) -> None:
     gin_setup.parse_gin(FLAGS.gin_file, gin_bindings)
     eval_config = gin_setup.build("EvalConfig")
     mesh_config = gin_setup.build("MeshConfig")
+    _prepare_task(FLAGS.model_dir, eval_config)
     metrics = evaluate_model_dir(FLAGS.model_dir, eval_config, mesh_config, FLAGS.module_import,
                                  predict_eval_fn="auto")
     print(format_report(metrics))

@@ -7,6 +7,9 @@ Example::
         --format=json --output_file=out.jsonl
     t5lite infer --model_dir=runs/demo --input_file=prompts.txt --quantize=int8 \\
         --cross_kv_dtype=bfloat16                       # int8 weights (t5lite.models.quant)
+    t5lite infer --model_dir=runs/ft --task_examples=5 --gin_file=gin/models/demo.gin \\
+        --gin_file=gin/runs/finetune.gin --gin.INIT_FROM=runs/demo ...  # the training run's
+        # gin files and flags, for a model fine-tuned on files (MIXTURE_OR_TASK_NAME=text2text)
 
 Contract: one output line per input line, in order.
   --format=text   the decoded text (with --num_samples N > 1: the N outputs joined by a tab);
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -31,8 +35,10 @@ from t5lite.errors import UserError
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "model_dir", "step", "seed", "format", "module_import",
-                        model_dir="written by `t5lite train` or `t5lite import`",
-                        seed="for sampling", module_import="for --task_examples")
+                        "gin_file", model_dir="written by `t5lite train` or `t5lite import`",
+                        seed="for sampling", module_import="for --task_examples",
+                        gin_file="for --task_examples of a model fine-tuned on files: the "
+                        "training run's, with its --gin flags")
 flags.DEFINE_string("input", None, "one input text (use --input_file for many)",
                     flag_values=FLAGS)
 flags.DEFINE_string("input_file", None, "a text file with one input per line", flag_values=FLAGS)
@@ -115,7 +121,7 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
                        step: int | None, batch_size: int, decode: str,
                        **generator_options) -> None:
     """Decode the first `num` validation examples of the model's task and print them."""
-    from t5lite.data.registry import import_task_modules
+    from t5lite.commands.task_setup import prepare_task
     from t5lite.inference_eval import show_predictions
     from t5lite.inference import Generator
     from t5lite.model_dir import read_run_info
@@ -124,7 +130,7 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
     if not info.task:
         raise UserError(f"{model_dir}/run_info.json names no task; --task_examples needs a "
                         "model trained on a registered task.")
-    import_task_modules(module_imports)
+    prepare_task(info.task, module_imports, info.task_feature_lengths)  # after parse_gin
     gen = Generator.from_model_dir(model_dir, step=step, batch_size=batch_size,
                                    **generator_options)
     lines = show_predictions(gen, info.task, info.task_feature_lengths, num=num, decode=decode)
@@ -137,10 +143,17 @@ def _generator_options() -> dict:
             "cross_kv_dtype": FLAGS.cross_kv_dtype}
 
 
-def main() -> None:
+def main(gin_bindings: Sequence[str]) -> None:
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required.")
+    if (FLAGS.gin_file or gin_bindings) and not FLAGS.task_examples:
+        raise UserError("--gin_file and --gin.NAME=VALUE are read only with --task_examples "
+                        "(they name the files of a task from files); decoding --input needs "
+                        "just --model_dir.")
     if FLAGS.task_examples:
+        from t5lite.commands import gin_setup
+
+        gin_setup.parse_gin(FLAGS.gin_file, gin_bindings)
         show_task_examples(FLAGS.model_dir, FLAGS.task_examples,
                            module_imports=FLAGS.module_import, step=FLAGS.step,
                            batch_size=FLAGS.batch_size, decode=FLAGS.decode,

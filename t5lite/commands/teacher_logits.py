@@ -36,7 +36,8 @@ def main(gin_bindings: Sequence[str]) -> None:
         raise UserError("--gin_file is required (the training run's gin files, with "
                         "gin/runs/distill.gin).")
     from t5lite.commands.train import configure
-    from t5lite.data.registry import get_task_or_mixture, get_vocabulary, import_task_modules
+    from t5lite.commands.task_setup import prepare_task
+    from t5lite.data.registry import get_task_or_mixture, get_vocabulary
     from t5lite.parallel.mesh import make_mesh
     from t5lite.train.data_source import SeqioData
     from t5lite.train.offline_teacher import write_teacher_logits
@@ -52,7 +53,8 @@ def main(gin_bindings: Sequence[str]) -> None:
         raise UserError("--output_dir is required (or set TEACHER_LOGITS_DIR).")
     steps = FLAGS.steps or cfg.train_config.train_steps
     name = cfg.data_config.mixture_or_task_name
-    import_task_modules(FLAGS.module_import)
+    prepare_task(name, FLAGS.module_import, cfg.data_config.task_feature_lengths,
+                 init_from=cfg.train_config.init_from)
     get_task_or_mixture(name)
     vocab = get_vocabulary(name)
     check_teacher_vocabulary(distill.teacher_model_dir,

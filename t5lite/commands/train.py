@@ -59,8 +59,8 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> TrainRun:
 def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
         module_imports: list[str], console: bool = True):
     """The whole command after distributed start-up; returns the TrainResult."""
-    from t5lite.data.registry import get_task_or_mixture, get_vocabulary, import_task_modules
-    from t5lite.data.text2text import TASK_NAME as TEXT2TEXT_TASK, register_from_config
+    from t5lite.commands.task_setup import prepare_task
+    from t5lite.data.registry import get_task_or_mixture, get_vocabulary
     from t5lite.model_dir import RunInfo
     from t5lite.parallel.mesh import make_mesh
     from t5lite.train.data_source import SeqioData
@@ -70,10 +70,9 @@ def run(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str,
         raise UserError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
     cfg = configure(gin_files, bindings)
     name = cfg.data_config.mixture_or_task_name
-    import_task_modules(module_imports)
-    if name == TEXT2TEXT_TASK:  # tasks from files: TRAIN_FILES / VALIDATION_FILES (finetune.gin)
-        register_from_config(gin_setup.build("Text2TextConfig"), cfg.train_config.init_from,
-                             default_sequence_length=cfg.data_config.task_feature_lengths)
+    # task modules, and the task from files (text2text: TRAIN_FILES / FILE_TASKS, finetune.gin)
+    prepare_task(name, module_imports, cfg.data_config.task_feature_lengths,
+                 init_from=cfg.train_config.init_from)
     get_task_or_mixture(name)
     vocab = get_vocabulary(name)
     if vocab.vocab_size > cfg.model_config.vocab_size:

@@ -20,7 +20,17 @@ From the command line (gin/runs/finetune.gin binds `Text2TextConfig` through mac
         --gin.TRAIN_FILES=data/train.tsv --gin.VALIDATION_FILES=data/dev.tsv \\
         --gin.METRICS=exact_match,rouge --gin.TASK_PREFIX="summarize: "
 
-From Python (several tasks and a mixture with rates: multi-task fine-tuning)::
+Several tasks mixed by rates (multi-task fine-tuning), also from the command line: FILE_TASKS
+lists them, each registered under its name, and `text2text` becomes their mixture (keys left
+out of an entry take TASK_PREFIX, METRICS, FILE_FORMAT, INPUT_KEY, TARGET_KEY)::
+
+    t5lite train ... --gin.MIXTURE_OR_TASK_NAME=text2text --gin.FILE_TASKS='[
+        {"name": "titles", "train_files": "titles/train.tsv",
+         "validation_files": "titles/dev.tsv", "prefix": "title: ", "rate": 2.0},
+        {"name": "qa", "train_files": "qa/*.jsonl.gz", "validation_files": "qa/dev.jsonl",
+         "input_key": "question", "target_key": "answer", "metrics": ["exact_match"]}]'
+
+From Python (the same)::
 
     from t5lite.data import tasks
     tasks.add_text2text_task("titles", train_files="titles/train.tsv",
@@ -43,6 +53,8 @@ import functools
 import gzip
 import io
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,13 +68,131 @@ FORMATS = ("auto", "tsv", "jsonl")
 Files = str | Sequence[str]
 
 
+def _check_settings(where: str, file_format: str, input_key: str, target_key: str,
+                    metrics: Sequence[str] | str) -> None:
+    """ConfigError (starting with `where`, if any) for an unknown format or metric, or an
+    empty key."""
+    where = f"{where}: " if where else ""
+    if file_format not in FORMATS:
+        raise ConfigError(f"{where}file_format={file_format!r} is unknown; use one of "
+                          f"{FORMATS}.")
+    if not input_key or not target_key:
+        raise ConfigError(f"{where}input_key and target_key must be non-empty.")
+    from t5lite.data.metrics import metric_fns
+
+    try:
+        metric_fns(metrics)  # unknown names fail here
+    except UserError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
+_TASK_NAME_RE = re.compile(r"^[\w.:]+$")  # what SeqIO accepts as a task name
+SPEC_REQUIRED = ("name", "train_files", "validation_files")
+SPEC_OPTIONAL = ("rate", "prefix", "metrics", "file_format", "input_key", "target_key")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTaskSpec:
+    """One task of a multi-task fine-tuning mixture from files (an entry of FILE_TASKS).
+
+    `name` becomes the SeqIO task's name (metrics are reported as decode/<name>/...), `rate`
+    its mixing rate (relative, > 0). The other fields mean what they mean in
+    `Text2TextConfig`; `validation_files` is required (fine-tuning evaluates on them).
+    """
+
+    name: str
+    train_files: Files
+    validation_files: Files
+    rate: float = 1.0
+    prefix: str = ""
+    metrics: Sequence[str] | str = ("exact_match",)
+    file_format: str = "auto"
+    input_key: str = "input"
+    target_key: str = "target"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TASK_NAME_RE.match(self.name):
+            raise ConfigError(f"name={self.name!r} is not a task name; use letters, digits, "
+                              "'_', '.' or ':', e.g. \"qa\".")
+        if self.name == TASK_NAME:
+            raise ConfigError(f"name={TASK_NAME!r} is the mixture's own name; give the task "
+                              "another name.")
+        for key in ("train_files", "validation_files"):
+            value = getattr(self, key)
+            items = [value] if isinstance(value, str) else value
+            if (not isinstance(items, (list, tuple)) or not items
+                    or not all(isinstance(i, str) and i.strip() for i in items)):
+                raise ConfigError(f"{key}={value!r} must be a path, glob or comma-separated "
+                                  "list (or a list of them).")
+        rate = self.rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+                math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"rate={rate!r} must be a positive number (a relative mixing "
+                              "rate, e.g. 1.0).")
+        if not isinstance(self.prefix, str):
+            raise ConfigError(f"prefix={self.prefix!r} must be a string.")
+        _check_settings("", self.file_format, self.input_key,
+                        self.target_key, self.metrics)
+
+
+def file_task_specs(entries: Any, defaults: Mapping[str, Any] | None = None
+                    ) -> tuple[FileTaskSpec, ...]:
+    """FILE_TASKS entries (dicts, or FileTaskSpecs) -> validated specs; ConfigError naming the
+    entry on an unknown or missing key, a bad value or a name used twice.
+
+    Keys left out of an entry take their value from `defaults` (the single-task settings:
+    prefix, metrics, file_format, input_key, target_key), then FileTaskSpec's defaults.
+    """
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, (list, tuple)):
+        raise ConfigError("FILE_TASKS must be a list of entries such as {\"name\": \"qa\", "
+                          "\"train_files\": \"qa/train.tsv\", \"validation_files\": "
+                          f"\"qa/dev.tsv\", \"rate\": 1.0}}, got {type(entries).__name__}.")
+    keys = ", ".join(SPEC_REQUIRED) + " (required), " + ", ".join(SPEC_OPTIONAL)
+    specs: list[FileTaskSpec] = []
+    first_index: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        where = f"FILE_TASKS[{i}]"
+        if isinstance(entry, FileTaskSpec):
+            spec = entry
+        else:
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where} must be a dict with the keys {keys}; got "
+                                  f"{entry!r}.")
+            if isinstance(entry.get("name"), str):
+                where += f" ({entry['name']!r})"
+            unknown = sorted(str(k) for k in entry if k not in SPEC_REQUIRED + SPEC_OPTIONAL)
+            if unknown:
+                raise ConfigError(f"{where}: unknown key {unknown[0]!r}; the keys are {keys}.")
+            missing = [k for k in SPEC_REQUIRED if k not in entry]
+            if missing:
+                raise ConfigError(f"{where}: the key {missing[0]!r} is missing; the keys are "
+                                  f"{keys}.")
+            values = {k: v for k, v in (defaults or {}).items() if k in SPEC_OPTIONAL}
+            values.update(entry)
+            try:
+                spec = FileTaskSpec(**values)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if spec.name in first_index:
+            raise ConfigError(f"{where}: the task name {spec.name!r} is used by "
+                              f"FILE_TASKS[{first_index[spec.name]}] too; names must differ.")
+        first_index[spec.name] = i
+        specs.append(spec)
+    return tuple(specs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Text2TextConfig:
     """The files and settings of the `text2text` task (bound from gin by finetune.gin).
 
     `train_files` / `validation_files`: a path, glob or comma-separated list (or a list of
     them). `file_format`: "tsv", "jsonl" or "auto" (by extension). `vocabulary`: a
-    SentencePiece model; None takes INIT_FROM's. `metrics`: names from t5lite.data.metrics.
+    SentencePiece model; None takes `init_from`'s (the model dir fine-tuning starts from).
+    `metrics`: names from t5lite.data.metrics.
+
+    `tasks` (FILE_TASKS), instead of train/validation files: several file tasks, registered
+    as tasks of their own names and mixed by their rates into the mixture `text2text`
+    (multi-task fine-tuning); see `file_task_specs` for the entries. Validated here.
     """
 
     train_files: Files | None = None
@@ -73,19 +203,19 @@ class Text2TextConfig:
     prefix: str = ""
     metrics: Sequence[str] | str = ("exact_match",)
     vocabulary: str | None = None
+    init_from: str | None = None
+    tasks: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
-        if self.file_format not in FORMATS:
-            raise ConfigError(f"Text2TextConfig: file_format={self.file_format!r} is unknown; "
-                              f"use one of {FORMATS}.")
-        if not self.input_key or not self.target_key:
-            raise ConfigError("Text2TextConfig: input_key and target_key must be non-empty.")
-        from t5lite.data.metrics import metric_fns
-
-        try:
-            metric_fns(self.metrics)  # unknown names fail here
-        except UserError as e:
-            raise ConfigError(f"Text2TextConfig: {e}") from None
+        _check_settings("Text2TextConfig", self.file_format, self.input_key, self.target_key,
+                        self.metrics)
+        specs = file_task_specs(self.tasks, {
+            "prefix": self.prefix, "metrics": self.metrics, "file_format": self.file_format,
+            "input_key": self.input_key, "target_key": self.target_key})
+        if specs and (self.train_files is not None or self.validation_files is not None):
+            raise ConfigError("give either TRAIN_FILES / VALIDATION_FILES (one task) or "
+                              "FILE_TASKS (several tasks), not both.")
+        object.__setattr__(self, "tasks", specs)
 
 
 # ------------------------------------------------------------------------------ reading files
@@ -312,21 +442,57 @@ def vocabulary_path(config: Text2TextConfig, init_from: str | None) -> str:
 def register_from_config(config: Text2TextConfig, init_from: str | None = None,
                          name: str = TASK_NAME,
                          default_sequence_length: Mapping[str, int] | None = None):
-    """Register the task `name` ("text2text") described by `config` (what
-    `MIXTURE_OR_TASK_NAME=text2text` does in `t5lite train`); returns the task."""
+    """Register what `config` describes under `name` ("text2text"): one task over
+    TRAIN_FILES / VALIDATION_FILES, or, with `config.tasks` (FILE_TASKS), a task per entry and
+    the mixture `name` of them by their rates. `init_from` (default `config.init_from`) gives
+    the vocabulary when `config.vocabulary` is None. Every file is read here, so bad files
+    fail before anything is written. Returns the task or mixture."""
+    from t5lite.data import tasks
+    from t5lite.data.vocab import load_vocabulary
+
+    init_from = init_from if init_from is not None else config.init_from
+    if config.tasks:
+        vocab = load_vocabulary(vocabulary_path(config, init_from))
+        registered = set(seqio.TaskRegistry.names()) - _FILE_TASKS
+        for spec in config.tasks:
+            if spec.name in registered:
+                raise UserError(f"FILE_TASKS: the task name {spec.name!r} is taken by a "
+                                "registered task (--module_import); give the entry another "
+                                "name.")
+        for spec in config.tasks:
+            try:
+                add_text2text_task(
+                    spec.name, train_files=spec.train_files,
+                    validation_files=spec.validation_files, vocabulary=vocab,
+                    file_format=spec.file_format, input_key=spec.input_key,
+                    target_key=spec.target_key, prefix=spec.prefix, metrics=spec.metrics,
+                    default_sequence_length=default_sequence_length)
+            except UserError as e:
+                raise UserError(f"FILE_TASKS task {spec.name!r}: {e}") from None
+            _FILE_TASKS.add(spec.name)
+        seqio.TaskRegistry.remove(name)
+        return tasks.add_mixture(name, [(spec.name, float(spec.rate)) for spec in config.tasks],
+                                 default_sequence_length=default_sequence_length)
     if config.train_files is None:
         raise UserError("MIXTURE_OR_TASK_NAME=text2text needs TRAIN_FILES (a TSV or JSONL file, "
-                        "glob or comma-separated list), e.g. --gin.TRAIN_FILES=data/train.tsv")
+                        "glob or comma-separated list), e.g. --gin.TRAIN_FILES=data/train.tsv, "
+                        "or FILE_TASKS (several tasks)")
     if config.validation_files is None:
         raise UserError("MIXTURE_OR_TASK_NAME=text2text needs VALIDATION_FILES (fine-tuning "
                         "evaluates on them), e.g. --gin.VALIDATION_FILES=data/dev.tsv")
-    return add_text2text_task(
+    task = add_text2text_task(
         name, train_files=config.train_files, validation_files=config.validation_files,
         vocabulary=vocabulary_path(config, init_from), file_format=config.file_format,
         input_key=config.input_key, target_key=config.target_key, prefix=config.prefix,
         metrics=config.metrics, default_sequence_length=default_sequence_length)
+    seqio.MixtureRegistry.remove(name)
+    return task
 
 
-__all__ = ["TASK_NAME", "Text2TextConfig", "add_text2text_task", "detect_format",
-           "expand_files", "read_examples", "register_from_config", "text2text_source",
-           "vocabulary_path"]
+# names of the tasks registered from FILE_TASKS in this process (may be registered again)
+_FILE_TASKS: set[str] = set()
+
+
+__all__ = ["FileTaskSpec", "TASK_NAME", "Text2TextConfig", "add_text2text_task",
+           "detect_format", "expand_files", "file_task_specs", "read_examples",
+           "register_from_config", "text2text_source", "vocabulary_path"]
