@@ -144,6 +144,73 @@ def test_bad_files(tmp_path, vocab_path):
     assert task.name == "t2t_from_config"
 
 
+def test_file_tasks_mixture(tmp_path, vocab_path):
+    """FILE_TASKS: one task per entry (keys left out take the single-task settings) and the
+    mixture `text2text` of them by rate; a name a module registered is refused."""
+    import seqio
+
+    a = write(tmp_path / "a.tsv", "one two\tone\nthree four\tthree\n")
+    b = write(tmp_path / "b.jsonl", json.dumps({"q": "five six", "a": "six"}) + "\n")
+    config = Text2TextConfig(prefix="p: ", metrics="exact_match", vocabulary=vocab_path, tasks=[
+        {"name": "ft_a", "train_files": a, "validation_files": a, "rate": 3},
+        {"name": "ft_b", "train_files": b, "validation_files": [b], "input_key": "q",
+         "target_key": "a", "prefix": "", "metrics": ["accuracy"]}])
+    assert [(s.name, s.rate, s.prefix, s.input_key) for s in config.tasks] == [
+        ("ft_a", 3, "p: ", "input"), ("ft_b", 1.0, "", "q")]
+    mixture = register_from_config(config, None, name="ft_mix")
+    assert isinstance(mixture, seqio.Mixture)
+    assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {"ft_a": 3.0, "ft_b": 1.0}
+    by_task = {t.name: examples_of(t, "validation") for t in mixture.tasks}
+    assert [e["inputs_pretokenized"].decode() for e in by_task["ft_a"]] == ["p: one two",
+                                                                            "p: three four"]
+    assert [e["targets_pretokenized"].decode() for e in by_task["ft_b"]] == ["six"]
+    assert [f.__name__ for f in seqio.TaskRegistry.get("ft_b").predict_metric_fns] == [
+        "accuracy"]
+    register_from_config(config, None, name="ft_mix")  # registering again is harmless
+
+    tasks.add_text2text_task("ft_module_task", train_files=a, vocabulary=vocab_path)
+    taken = Text2TextConfig(vocabulary=vocab_path, tasks=[
+        {"name": "ft_module_task", "train_files": a, "validation_files": a}])
+    with pytest.raises(UserError, match="'ft_module_task' is taken by a registered task"):
+        register_from_config(taken, None, name="ft_mix2")
+    missing = Text2TextConfig(vocabulary=vocab_path, tasks=[
+        {"name": "ft_c", "train_files": str(tmp_path / "none.tsv"), "validation_files": a}])
+    with pytest.raises(UserError, match=r"FILE_TASKS task 'ft_c': train files: no file matches"):
+        register_from_config(missing, None, name="ft_mix3")
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([{"name": "x", "train_files": "t", "validation_files": "v", "rat": 1}],
+     r"FILE_TASKS\[0\] \('x'\): unknown key 'rat'; the keys are name, train_files"),
+    ([{"name": "x", "train_files": "t"}], r"\('x'\): the key 'validation_files' is missing"),
+    ([{"name": "x", "train_files": "t", "validation_files": "v", "rate": -1}],
+     r"rate=-1 must be a positive number"),
+    ([{"name": "x", "train_files": "t", "validation_files": "v", "rate": float("inf")}],
+     r"rate=inf must be a positive number"),
+    ([{"name": "x", "train_files": "t", "validation_files": "v"}] * 2,
+     r"FILE_TASKS\[1\] \('x'\): the task name 'x' is used by FILE_TASKS\[0\] too"),
+    ([{"name": "text2text", "train_files": "t", "validation_files": "v"}],
+     r"the mixture's own name"),
+    ([{"name": "x y", "train_files": "t", "validation_files": "v"}], r"is not a task name"),
+    ([{"name": "x", "train_files": [], "validation_files": "v"}], r"train_files=\[\] must be"),
+    ([{"name": "x", "train_files": "t", "validation_files": "v", "metrics": "f1"}],
+     r"\('x'\): unknown metric 'f1'"),
+    ([{"name": "x", "train_files": "t", "validation_files": "v", "file_format": "csv"}],
+     r"file_format='csv' is unknown"),
+    ("x.tsv", r"FILE_TASKS must be a list of entries"),
+    (["x.tsv"], r"FILE_TASKS\[0\] must be a dict"),
+])
+def test_file_tasks_bad_entries(entries, message):
+    with pytest.raises(ConfigError, match=message):
+        Text2TextConfig(tasks=entries)
+
+
+def test_file_tasks_exclude_train_files():
+    with pytest.raises(ConfigError, match="TRAIN_FILES / VALIDATION_FILES .* or FILE_TASKS"):
+        Text2TextConfig(train_files="t.tsv", tasks=[
+            {"name": "x", "train_files": "t", "validation_files": "v"}])
+
+
 def test_metrics():
     assert metrics.exact_match(["a b", "c"], [" a b", "C"]) == {"exact_match": 50.0}
     assert metrics.accuracy(["a", "b", "c", "d"], ["a", "b ", "c", "x"]) == {"accuracy": 50.0}
