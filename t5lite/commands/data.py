@@ -27,8 +27,9 @@ from t5lite.errors import UserError
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "module_import", "seed", "format", "gin_file",
-                        seed="same seed, same examples",
-                        gin_file="for --task=text2text: the files' settings, as in train")
+                        seed="same seed, same examples")
+# --gin_file (with --gin.NAME=VALUE): for --task=text2text, the gin files and flags of the
+# training run, which name the files (TRAIN_FILES, ... or FILE_TASKS; see finetune.gin).
 flags.DEFINE_string("task", None, "registered SeqIO task or mixture name, e.g. demo_ul2",
                     flag_values=FLAGS)
 flags.DEFINE_string("split", "train", "dataset split", flag_values=FLAGS)

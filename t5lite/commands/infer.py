@@ -36,9 +36,9 @@ from t5lite.errors import UserError
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "model_dir", "step", "seed", "format", "module_import",
                         "gin_file", model_dir="written by `t5lite train` or `t5lite import`",
-                        seed="for sampling", module_import="for --task_examples",
-                        gin_file="for --task_examples of a model fine-tuned on files: the "
-                        "training run's, with its --gin flags")
+                        seed="for sampling", module_import="for --task_examples")
+# --gin_file (with --gin.NAME=VALUE): for --task_examples of a model fine-tuned on files
+# (task text2text), the training run's gin files and flags, which name the files.
 flags.DEFINE_string("input", None, "one input text (use --input_file for many)",
                     flag_values=FLAGS)
 flags.DEFINE_string("input_file", None, "a text file with one input per line", flag_values=FLAGS)
