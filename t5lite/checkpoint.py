@@ -8,11 +8,12 @@ Layout: `MODEL_DIR/checkpoints/<step>/` with up to four items
     data     each host's exact input position (`DataState`, t5lite.data.iterator_state), when
              the data source can save one; a restart continues there without replaying batches
 
-Faults (see `scan` and `set_aside_broken`): a step dir with a zero-length file, unreadable
-metadata, a missing item, or a step whose arrays cannot be read, and a `<step>.orbax-checkpoint-
-tmp-*` dir left by a process that died while saving, are *broken*: readers skip them (the newest
-intact step is used) and they are moved, never deleted, to `MODEL_DIR/checkpoints_broken/` with a
-warning naming the step and what is wrong. A full disk while saving raises `DiskFullError` (one
+Faults (see `scan` and `set_aside_broken`; the detection lives in t5lite/checkpoint_faults.py,
+used only from here): a step dir with a zero-length file, unreadable metadata, a missing item, or
+a step whose arrays cannot be read, and a `<step>.orbax-checkpoint-tmp-*` dir left by a process
+that died while saving, are *broken*: readers skip them (the newest intact step is used) and they
+are moved, never deleted, to `MODEL_DIR/checkpoints_broken/` with a warning naming the step and
+what is wrong. A full disk while saving raises `DiskFullError` (one
 line naming the path and the free space); the partial write is removed, earlier steps stay.
 
 A *params-only* checkpoint (written by `save_params`, e.g. by `t5lite import`) has no `train`
@@ -33,15 +34,10 @@ Public API used outside training::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
-import shutil
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -51,13 +47,16 @@ from flax import nnx
 from orbax.checkpoint import args as ocp_args
 from orbax.checkpoint._src.handlers import async_checkpoint_handler
 
+from t5lite import checkpoint_faults as _faults
 from t5lite import storage
+from t5lite.checkpoint_faults import (BROKEN_DIRNAME, Broken,  # noqa: F401  (public here)
+                                     BrokenCheckpointError, disk_full_guard, read_json_file,
+                                     read_of_step, step_problem)
 from t5lite.disk import DiskFullError, disk_full_error, is_disk_full  # noqa: F401
 from t5lite.errors import UserError
 from t5lite.model_dir import checkpoint_dir
 from t5lite.parallel.rules import path_key
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -213,138 +212,29 @@ def data_state_shards(model_dir: str, step: int) -> list[tuple[int, int, int]]:
     for name in sorted(os.listdir(base)):
         m = _DATA_META.match(name)
         if m:
-            size = int(_read_json_file(os.path.join(base, name))["local_batch_size"])
+            size = int(read_json_file(os.path.join(base, name))["local_batch_size"])
             out.append((int(m[1]), int(m[2]), size))
     return out
 
 
-# ---------------------------------------------------------------- faults: broken steps, full disk
-
-BROKEN_DIRNAME = "checkpoints_broken"
-_UNFINISHED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-_REQUIRED_ITEMS = {"params": ("params",), "train": ("params", "train")}
-
-
-@dataclasses.dataclass(frozen=True)
-class Broken:
-    """A step dir that cannot be used: its name inside the checkpoints dir and why."""
-
-    name: str
-    step: int
-    reason: str
-
-
-class BrokenCheckpointError(UserError):
-    """A checkpoint that passed the structural checks could not be read."""
-
-    def __init__(self, broken: Broken, directory: str):
-        super().__init__(f"checkpoint {directory}/{broken.name} is broken: {broken.reason}")
-        self.broken = broken
-
-
-def _read_json_file(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def step_problem(step_dir: str) -> str | None:
-    """What is wrong with a finalised step dir (cheap structural checks, no array reads), or
-    None. Checked: readable step and item metadata, the items its kind needs, no empty file."""
-    try:
-        _read_json_file(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
-    except FileNotFoundError:
-        return "its _CHECKPOINT_METADATA file is missing"
-    except (ValueError, OSError) as e:
-        return f"its _CHECKPOINT_METADATA file is unreadable ({type(e).__name__})"
-    try:
-        meta = _read_json_file(os.path.join(step_dir, "meta", "metadata"))
-        kind = meta["kind"]
-    except FileNotFoundError:
-        return "its meta/metadata file is missing"
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        return f"its meta/metadata file is unreadable ({type(e).__name__})"
-    for item in _REQUIRED_ITEMS.get(kind, ("params",)):
-        try:
-            _read_json_file(os.path.join(step_dir, item, "_METADATA"))
-        except FileNotFoundError:
-            return f"its {item}/_METADATA file is missing"
-        except (ValueError, OSError) as e:
-            return f"its {item}/_METADATA file is unreadable ({type(e).__name__})"
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            if os.path.isfile(path) and os.path.getsize(path) == 0:
-                return f"{os.path.relpath(path, step_dir)} is empty (0 bytes)"
-    return None
-
+# ---------------------------------------------------------------- faults (checkpoint_faults.py)
 
 def scan(model_dir: str, unfinished: bool = True) -> tuple[list[int], list[Broken]]:
     """(intact steps, ascending; broken step dirs) of a model dir or checkpoints dir. Reads only.
     `unfinished`: also list `<step>.orbax-checkpoint-tmp-*` dirs (a save that never finished)."""
-    directory = _resolve_dir(model_dir)
-    if not os.path.isdir(directory):
-        return [], []
-    intact, broken = [], []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not os.path.isdir(path):
-            continue
-        if name.isdigit():
-            problem = step_problem(path)
-            if problem is None:
-                intact.append(int(name))
-            else:
-                broken.append(Broken(name, int(name), problem))
-        elif unfinished and (m := _UNFINISHED.match(name)):
-            broken.append(Broken(name, int(m[1]), "an unfinished save (the process writing it "
-                                                  "died before the checkpoint was complete)"))
-    return sorted(intact), sorted(broken, key=lambda b: (b.step, b.name))
+    return _faults.scan(_resolve_dir(model_dir), unfinished)
 
 
 def broken_dir(model_dir: str) -> str:
     """Where broken step dirs are moved: MODEL_DIR/checkpoints_broken/."""
-    directory = _resolve_dir(model_dir)
-    return os.path.join(os.path.dirname(directory), BROKEN_DIRNAME)
+    return _faults.broken_dir(_resolve_dir(model_dir))
 
 
 def set_aside_broken(model_dir: str, unfinished: bool = True,
                      extra: tuple[Broken, ...] = ()) -> list[Broken]:
-    """Move every broken step dir (see `scan`, plus `extra`) to MODEL_DIR/checkpoints_broken/,
-    never deleting anything, and log a warning per step naming what is wrong. All processes
-    call it; the primary one moves. Returns what was (or, on other hosts, will be) moved.
-
-    `unfinished=False` leaves `*.orbax-checkpoint-tmp-*` dirs alone: readers (`t5lite eval`)
-    use it, since a `t5lite train` writing into the same model dir may still be saving.
-    """
-    from t5lite.parallel.hosts import is_primary, sync_hosts
-
-    directory = _resolve_dir(model_dir)
-    sync_hosts("t5lite:checkpoint:before_scan")
-    broken = scan(directory, unfinished)[1] + [b for b in extra]
-    if broken and is_primary():
-        target = broken_dir(directory)
-        os.makedirs(target, exist_ok=True)
-        for b in broken:
-            source = os.path.join(directory, b.name)
-            if not os.path.exists(source):
-                continue
-            dest = os.path.join(target, b.name)
-            n = 1
-            while os.path.exists(dest):
-                n += 1
-                dest = os.path.join(target, f"{b.name}.{n}")
-            os.rename(source, dest)
-            try:
-                with open(dest + ".why.txt", "w", encoding="utf-8") as f:
-                    f.write(f"step {b.step}: {b.reason}\nmoved from {source} at "
-                            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-            except OSError:
-                pass
-            log.warning("checkpoint step %d in %s is broken: %s; moved it to %s (not deleted); "
-                        "using the newest intact checkpoint instead.", b.step, directory,
-                        b.reason, dest)
-    sync_hosts("t5lite:checkpoint:after_set_aside")
-    return broken
+    """Move every broken step dir of a model dir (or checkpoints dir) aside, with a warning per
+    step; see `checkpoint_faults.set_aside_broken`."""
+    return _faults.set_aside_broken(_resolve_dir(model_dir), unfinished, extra)
 
 
 # ---------------------------------------------------------------- module-level API
@@ -381,7 +271,7 @@ def check_params_compatible(model_dir: str, abstract_params: Any, step: int | No
         if step not in mngr.all_steps():
             raise UserError(f"no checkpoint for step {step} in {directory}; available steps: "
                             f"{list(mngr.all_steps())}.")
-        with _read_of_step(step, directory):
+        with read_of_step(step, directory):
             meta = mngr.item_metadata(step).get("params")
     saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
     wanted = _flat_shapes(_to_pure(abstract_params))
@@ -417,28 +307,6 @@ def _as_state_like(template: Any, pure: Any) -> Any:
     return pure
 
 
-@contextlib.contextmanager
-def _read_of_step(step: int, directory: str) -> Iterator[None]:
-    """Turn a failure to read the stored arrays or metadata of `step` (a missing, empty or
-    truncated file) into `BrokenCheckpointError`; other errors pass unchanged."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _is_read_failure(e):
-            raise
-        raise BrokenCheckpointError(Broken(str(step), step, "its arrays cannot be read "
-                                           f"({_brief(e)})"), directory) from None
-
-
-def _brief(exc: BaseException) -> str:
-    while exc.__cause__ is not None:  # the root cause names the file
-        exc = exc.__cause__
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
-
-
 def restore_params(model_dir: str, abstract_params: Any, shardings: Any = None,
                    step: int | None = None, set_aside: bool = True) -> Any:
     """Parameters of the checkpoint at `step` (default: latest) in `model_dir`.
@@ -464,7 +332,7 @@ def restore_params_and_step(model_dir: str, abstract_params: Any, shardings: Any
     while True:
         try:
             step = check_params_compatible(directory, abstract_params, step)
-            with _read_of_step(step, directory), _manager(directory) as mngr:
+            with read_of_step(step, directory), _manager(directory) as mngr:
                 restored = mngr.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(target)))
             return _as_state_like(abstract_params, restored["params"]), step
@@ -478,39 +346,13 @@ def restore_params_and_step(model_dir: str, abstract_params: Any, shardings: Any
 def save_params(model_dir: str, params: Any, step: int = 0) -> None:
     """Write a params-only checkpoint (blocking) into `model_dir/checkpoints/<step>`."""
     directory = checkpoint_dir(_abs(model_dir))
-    with _disk_full_guard(directory, step):
+    with disk_full_guard(directory, step):
         with _manager(directory, create=True) as mngr:
             mngr.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(_to_pure(params)),
                 meta=ocp.args.JsonSave({"kind": "params", "step": int(step), "data_position": 0,
                                         "format": FORMAT_VERSION})), force=True)
             mngr.wait_until_finished()
-
-
-class _disk_full_guard:
-    """Turn a full disk during a save into `DiskFullError`, removing this process's partial
-    `<step>.orbax-checkpoint-tmp-*` dirs (the earlier, finished steps are untouched)."""
-
-    def __init__(self, directory: str, step: int | None):
-        self.directory, self.step = directory, step
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or not is_disk_full(exc):
-            return False
-        from t5lite.parallel.hosts import is_primary
-
-        if is_primary() and os.path.isdir(self.directory):
-            for name in os.listdir(self.directory):
-                m = _UNFINISHED.match(name)
-                if m and (self.step is None or int(m[1]) == self.step):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        where = (f"checkpoint step {self.step} to" if self.step is not None
-                 else "saving a checkpoint to")
-        raise disk_full_error(self.directory, f"writing {where}" if self.step is not None
-                              else where) from None
 
 
 # ---------------------------------------------------------------- training checkpoints
@@ -546,10 +388,10 @@ class TrainCheckpointer:
                                     "format": FORMAT_VERSION}))
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
-        with _disk_full_guard(self.directory, self._saving):
+        with disk_full_guard(self.directory, self._saving):
             self._mngr.wait_until_finished()  # the previous save's errors surface here
         self._saving = step
-        with _disk_full_guard(self.directory, step):
+        with disk_full_guard(self.directory, step):
             self._mngr.save(step, force=True, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -557,7 +399,7 @@ class TrainCheckpointer:
         ShapeDtypeStructs carrying the target shardings (any mesh)."""
         flat_opt = _flat(abstract_state.opt_state)
         target = {"opt_state": flat_opt, "step": abstract_state.step, "rng": abstract_state.rng}
-        with _read_of_step(step, self.directory):
+        with read_of_step(step, self.directory):
             restored = self._mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
                 train=ocp.args.StandardRestore(target),
@@ -604,7 +446,7 @@ class TrainCheckpointer:
         return dict(restored["meta"])
 
     def wait(self) -> None:
-        with _disk_full_guard(self.directory, self._saving):
+        with disk_full_guard(self.directory, self._saving):
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
@@ -612,21 +454,6 @@ class TrainCheckpointer:
             self.wait()
         finally:
             self._mngr.close()
-
-
-def _is_read_failure(exc: BaseException) -> bool:
-    """True for errors of reading stored arrays (a missing, empty or truncated file), as opposed
-    to a restore target that does not match the checkpoint's structure."""
-    markers = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "Error reading",
-               "error while reading", "Error opening", "No such file", "corrupt", "Truncated",
-               "truncated", "unexpected end")
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (OSError, EOFError)) or any(m in str(exc) for m in markers):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # ---------------------------------------------------------------- compatibility (read only)
