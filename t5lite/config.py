@@ -27,14 +27,16 @@ from t5lite.errors import ConfigError
 Activation = Literal["gelu", "silu", "relu"]
 PositionScheme = Literal["relative", "rope"]
 Architecture = Literal["encoder_decoder", "decoder_only"]
-RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
+RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out",
+                      "save_projections"]
 AttentionImpl = Literal["einsum", "xla", "cudnn", "auto"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = ("gelu", "silu", "relu")
 _POSITIONS = ("relative", "rope")
 _ARCHITECTURES = ("encoder_decoder", "decoder_only")
-_REMAT = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+_REMAT = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out",
+          "save_projections")
 _ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 
 
@@ -82,7 +84,20 @@ class ModelConfig:
     router_z_loss_weight: float = 0.001
     # execution
     scan_layers: bool = True
+    # "save_projections": keep only the q/k/v projections, the attention core output, the
+    # attention outputs and the MLP input projections of each layer; recompute norms, softmax
+    # and activations in the backward pass (`t5lite.models.blocks`)
     remat_policy: RematPolicy = "none"
+    scan_unroll: int = 1  # layers per iteration of the layer scan (jax.lax.scan's unroll)
+    # True: the relative position bias is one [1, heads, q, k] tensor per stack computed from
+    # 0..T-1, broadcast over the batch, instead of one [B, heads, q, k] from each row's
+    # positions. Same values whenever every packed segment's positions run 0, 1, 2, ... from
+    # its first token (SeqIO packing; unpacked rows); packing stays in the segment mask.
+    shared_relative_bias: bool = False
+    # True: the train step casts the matmul kernels to `dtype` once per step, outside the
+    # microbatch loop and the layer scan (their gradients are taken in that dtype: the same
+    # values, as the matmuls' weight gradients are computed in it anyway)
+    cast_params_once: bool = False
     # "einsum": grouped einsums + f32 softmax (fastest measured on CPU, and the only core that
     # drops attention probabilities); "xla"/"cudnn"/"auto": jax.nn.dot_product_attention.
     attention_impl: AttentionImpl = "einsum"
@@ -202,6 +217,10 @@ class ModelConfig:
                          f"{self.moe_layer_period}; scanned layers repeat a group of "
                          f"{self.moe_layer_period} layers. Change the depth or the period, or "
                          "set scan_layers=False.")
+        if (not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool)
+                or self.scan_unroll < 1):
+            fail(f"scan_unroll={self.scan_unroll!r} must be a positive integer (1 = one layer "
+                 "per scan iteration).")
         if self.remat_policy not in _REMAT:
             fail(f"remat_policy={self.remat_policy!r} is unknown; use one of {_REMAT}.")
         if self.attention_impl not in _ATTENTION_IMPLS:

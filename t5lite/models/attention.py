@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
 from t5lite.models.layers import dropout, make_param, normal
@@ -92,14 +93,27 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
     qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     if bias is not None:
-        logits = add_bias(logits, bias.reshape(bias.shape[0], kv_heads, groups,
-                                               *bias.shape[2:]))
+        heads = (kv_heads, groups) if bias.shape[1] > 1 else (1, 1)
+        logits = add_bias(logits, bias.reshape(bias.shape[0], *heads, *bias.shape[2:]))
     if mask is not None:
         logits = jnp.where(mask[:, :, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, dropout_key)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def fold_mask_into_bias(bias: jax.Array | None, mask: jax.Array, dtype) -> jax.Array:
+    """One additive bias: `bias` (float32 [B|1, heads, T, S] or None) plus 0 where `mask`
+    (bool [B|1, 1, T, S]) allows and cuDNN's large negative (-2**41) where it does not.
+
+    It is what `jax.nn.dot_product_attention(implementation="cudnn")` builds from a bias and a
+    mask inside every call (jax's `combine_bias_and_mask`, same values and dtypes): built once
+    per stack and passed as the bias with no mask, every layer's attention reads it instead of
+    building its own [B, heads, T, S] array.
+    """
+    additive = jnp.where(mask, jnp.asarray(0, dtype), jnp.asarray(-2 << 40, dtype))
+    return additive if bias is None else bias + additive
 
 
 class Attention(nnx.Module):
@@ -152,7 +166,7 @@ class Attention(nnx.Module):
         """Core attention then output projection: [B, T, embed]."""
         attended = attention_core(q, k, v, bias=bias, mask=mask, impl=self.impl,
                                   dropout_rate=self.dropout_rate, dropout_key=dropout_key)
-        return self.output(attended)
+        return self.output(checkpoint_name(attended, "attended"))
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,

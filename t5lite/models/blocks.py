@@ -25,7 +25,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
-from t5lite.models.attention import Attention, decode_attention, write_position
+from t5lite.models.attention import (Attention, decode_attention, fold_mask_into_bias,
+                                    write_position)
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
 from t5lite.models.quant import dense, kernel
@@ -41,6 +42,8 @@ class Context:
 
     self_mask   bool [B|1, 1, T, S]   True = query t may attend to key s
     self_bias   f32 [B|1, heads, T, S] or None (RoPE models)
+    cross_bias  [B|1, 1, T, S_enc] or None: the cross-attention mask folded into an additive bias
+                (cuDNN attention with `shared_relative_bias`, see `Stack.__call__`)
     positions   int [B|1, T]          positions of the queries (RoPE)
     cross_mask  bool [B|1, 1, T, S_enc] (decoder of an encoder-decoder)
     token_mask  [B, T] or None         1 = real token (MoE routing ignores the others)
@@ -56,6 +59,25 @@ class Context:
     token_mask: jax.Array | None = None
     encoded: jax.Array | None = None
     write_positions: jax.Array | None = None
+    cross_bias: jax.Array | None = None
+
+
+def cudnn_backend() -> bool:
+    """Whether cuDNN attention runs here (a GPU backend; elsewhere `attention_core` uses the
+    einsum core)."""
+    return jax.default_backend() == "gpu"
+
+
+def fold_masks(ctx: Context, dtype) -> Context:
+    """`ctx` with its masks folded into additive biases (`fold_mask_into_bias`), no masks."""
+    self_bias = ctx.self_bias
+    if ctx.self_mask is not None:
+        self_bias = fold_mask_into_bias(ctx.self_bias, ctx.self_mask, dtype)
+    cross_bias = ctx.cross_bias
+    if ctx.cross_mask is not None:
+        cross_bias = fold_mask_into_bias(ctx.cross_bias, ctx.cross_mask, dtype)
+    return dataclasses.replace(ctx, self_bias=self_bias, self_mask=None, cross_bias=cross_bias,
+                               cross_mask=None)
 
 
 def add_stats(a: Stats, b: Stats) -> Stats:
@@ -94,6 +116,7 @@ class Layer(nnx.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, ctx.positions, self.rope_theta)
             k = apply_rope(k, ctx.positions, self.rope_theta)
+        q, k, v = (checkpoint_name(a, n) for a, n in ((q, "query"), (k, "key"), (v, "value")))
         out = attn.attend(q, k, v, ctx.self_bias, ctx.self_mask, keys[0])
         out = checkpoint_name(out, "attention_out")
         x = x + dropout(out, rate, keys[1])
@@ -101,9 +124,12 @@ class Layer(nnx.Module):
         if self.has_cross:
             h = self.pre_cross_attention_norm(x)
             cattn = self.cross_attention
-            q = cattn.query(h)
+            q = checkpoint_name(cattn.query(h), "query")
             ck, cv = cross_kv if cross_kv is not None else cattn.key_value(ctx.encoded)
-            out = cattn.attend(q, ck, cv, None, ctx.cross_mask, keys[2])
+            ck, cv = checkpoint_name(ck, "key"), checkpoint_name(cv, "value")
+            out = checkpoint_name(cattn.attend(q, ck, cv, ctx.cross_bias, ctx.cross_mask,
+                                               keys[2]),
+                                  "cross_attention_out")
             x = x + dropout(out, rate, keys[3])
         # feed-forward
         h = self.pre_mlp_norm(x)
@@ -164,6 +190,12 @@ _REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # what the weight gradients and the residual stream need, nothing recomputable cheaply:
+    # q/k/v, the attention core's output (input of the o projection), the attention outputs
+    # (so the residual stream is rebuilt without matmuls) and the MLP's input projections
+    # (GELU / gating recomputed from them); norms, softmax and activations are recomputed
+    "save_projections": jax.checkpoint_policies.save_only_these_names(
+        "query", "key", "value", "attended", "attention_out", "cross_attention_out", "mlp_wi"),
 }
 
 # function applied to each layer: (layer, x, per-layer inputs) -> (x, stats, per-layer outputs)
@@ -190,6 +222,11 @@ class Stack(nnx.Module):
         self.period = cfg.moe_layer_period if any(moe_flags) else 1
         self.scanned = cfg.scan_layers
         self.remat_policy = cfg.remat_policy
+        self.scan_unroll = cfg.scan_unroll
+        self.shared_bias = cfg.shared_relative_bias
+        # cuDNN takes one additive bias: fold the masks into it once per stack, not per layer
+        self.fold_masks = cfg.shared_relative_bias and cfg.attention_impl == "cudnn"
+        self.dtype = cfg.compute_dtype
         if cfg.scan_layers:
             period = self.period
 
@@ -214,6 +251,17 @@ class Stack(nnx.Module):
         if self.relpos is None:
             return None
         return self.relpos(query_positions, key_positions)
+
+    def sequence_bias(self, positions: jax.Array, length: int):
+        """The self-attention bias of a full-sequence pass over `length` tokens at `positions`
+        [B|1, length]: float32 [B, heads, T, T] from the positions, or with
+        `shared_relative_bias` one [1, heads, T, T] from 0..T-1 (equal on every pair of tokens
+        of one packed segment: both use the distance within the segment). None with RoPE."""
+        if self.relpos is None:
+            return None
+        if self.shared_bias:
+            positions = jnp.arange(length)[None]
+        return self.relpos(positions, positions)
 
     def _maybe_remat(self, fn):
         if self.remat_policy == "none":
@@ -257,7 +305,7 @@ class Stack(nnx.Module):
             return (x, stats), jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
         (x, stats), ys = jax.lax.scan(self._maybe_remat(body), (x, zero_stats()),
-                                      (state, grouped))
+                                      (state, grouped), unroll=self.scan_unroll)
         ys = jax.tree.map(lambda a: a.reshape(num, *a.shape[2:]), ys)
         return x, stats, ys
 
@@ -280,6 +328,9 @@ class Stack(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: Context, key: jax.Array | None = None):
         """Full-sequence pass (no cache). Returns (normed output, stats)."""
+        if self.fold_masks and cudnn_backend():
+            ctx = fold_masks(ctx, self.dtype)
+
         def fn(layer, x, layer_key):
             x, stats, _ = layer(x, ctx, layer_key)
             return x, stats, None

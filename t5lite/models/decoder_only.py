@@ -48,8 +48,9 @@ class DecoderOnly(ModelBase):
                  decoder_segment_ids: jax.Array | None = None,
                  decoder_positions: jax.Array | None = None,
                  decoder_causal_attention: jax.Array | None = None, deterministic: bool = True,
-                 dropout_rng: jax.Array | None = None):
-        """(logits float32 [B, T, vocab], aux dict of float32 scalars)."""
+                 dropout_rng: jax.Array | None = None, return_features: bool = False):
+        """(logits float32 [B, T, vocab], aux dict of float32 scalars); `OutputFeatures` in
+        place of the logits with `return_features=True` (see `EncoderDecoder.__call__`)."""
         key = self._dropout_key(deterministic, dropout_rng)
         k_embed, k_stack, k_out = split_key(key, 3)
         length = decoder_input_tokens.shape[1]
@@ -59,11 +60,11 @@ class DecoderOnly(ModelBase):
                else segment_mask(decoder_segment_ids, decoder_segment_ids))
         pos = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
         ctx = Context(self_mask=combine(base, seg),
-                      self_bias=self.decoder.position_bias(pos, pos), positions=pos,
+                      self_bias=self.decoder.sequence_bias(pos, length), positions=pos,
                       token_mask=None if decoder_segment_ids is None else decoder_segment_ids != 0)
         x, stats = self.decoder(self._embed(decoder_input_tokens, k_embed), ctx, k_stack)
         x = dropout(x, self.config.dropout_rate, k_out)
-        return self.logits(x), aux_from_stats(self.config, stats)
+        return self.output(x, return_features), aux_from_stats(self.config, stats)
 
     def init_decode_cache(self, batch_size: int, cache_len: int, beams: int = 1) -> dict:
         """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`) of
@@ -87,7 +88,7 @@ class DecoderOnly(ModelBase):
         in_prefix = idx[None, :] < prefix_lengths[:, None]
         pos = idx[None]
         ctx = Context(self_mask=combine(prefix_lm_mask(in_prefix), key_padding_mask(in_prefix)),
-                      self_bias=self.decoder.position_bias(pos, pos), positions=pos,
+                      self_bias=self.decoder.sequence_bias(pos, length), positions=pos,
                       token_mask=in_prefix)
 
         def fn(layer, x, _):

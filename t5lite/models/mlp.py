@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
 from t5lite.models.layers import (activation_fn, dropout, make_param, normal,
@@ -68,6 +69,7 @@ class MLP(nnx.Module):
             hs = [dense("btd,df->btf", x, kernel(self, n, dt)) for n in names]
         else:
             hs = shared_input_dense(x, *(kernel(self, n, dt) for n in names))
+        hs = [checkpoint_name(a, "mlp_wi") for a in hs]
         h = self.act(hs[0]) * hs[1] if self.gated else self.act(hs[0])
         h = constrain(h, ("batch", "length", "mlp"))
         h = dropout(h, self.dropout_rate, dropout_key)

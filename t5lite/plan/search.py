@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 # remat policies from the most saved (fastest, most memory) to the least saved
-REMAT_ORDER = ("none", "dots", "dots_with_no_batch_dims", "save_attention_out", "full")
+REMAT_ORDER = ("none", "dots", "dots_with_no_batch_dims", "save_projections",
+               "save_attention_out", "full")
 
 
 def largest_fitting_batch(fits: Callable[[int], bool], *, start: int, unit: int,

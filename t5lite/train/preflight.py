@@ -31,7 +31,8 @@ from t5lite.errors import ConfigError, UserError
 # ModelConfig fields that change how a model is computed, not what its parameters mean: they may
 # differ between a checkpoint and the run that resumes from it.
 RUNTIME_FIELDS = frozenset({"dropout_rate", "dtype", "remat_policy", "attention_impl",
-                            "expert_capacity_factor", "moe_dropless"})
+                            "expert_capacity_factor", "moe_dropless", "scan_unroll",
+                            "shared_relative_bias", "cast_params_once"})
 
 
 def check_data(data_config: Any) -> None:
