@@ -29,7 +29,8 @@ from t5lite.errors import UserError
 from t5lite.models.blocks import Context, Stack, Stats, add_stats
 from t5lite.models.layers import Embed, dropout, make_param, normal, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, segment_mask
-from t5lite.models.quant import dense, kernel
+from t5lite.models.features import OutputFeatures
+from t5lite.models.quant import QTensor, dense, kernel
 from t5lite.parallel.rules import constrain
 
 
@@ -90,6 +91,24 @@ class ModelBase(nnx.Module):
             out = constrain(out, ("batch", "length", "vocab"))
         return out
 
+    def output(self, x: jax.Array, features: bool = False):
+        """`logits(x)`, or with `features=True` the `OutputFeatures` (final states and output
+        kernel) the logits would be computed from (quantized output layers: the logits)."""
+        if not features:
+            return self.logits(x)
+        cfg = self.config
+        if cfg.tie_embeddings:
+            w = kernel(self.embed, "embedding", x.dtype)
+            if isinstance(w, QTensor):
+                return self.logits(x)
+            if cfg.scale_tied_logits:
+                x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
+            return OutputFeatures(x, w, vocab_major=True)
+        w = kernel(self, "lm_head", x.dtype)
+        if isinstance(w, QTensor):
+            return self.logits(x)
+        return OutputFeatures(x, w)
+
 
 class EncoderDecoder(ModelBase):
     """T5-style encoder-decoder (see module docstring)."""
@@ -112,7 +131,8 @@ class EncoderDecoder(ModelBase):
             valid = segment_ids != 0
             mask = segment_mask(segment_ids, segment_ids)
         pos = jnp.arange(tokens.shape[1])[None] if positions is None else positions
-        ctx = Context(self_mask=mask, self_bias=self.encoder.position_bias(pos, pos),
+        ctx = Context(self_mask=mask,
+                      self_bias=self.encoder.sequence_bias(pos, tokens.shape[1]),
                       positions=pos, token_mask=valid)
         x, stats = self.encoder(self._embed(tokens, k_embed), ctx, k_stack)
         return dropout(x, self.config.dropout_rate, k_out), stats
@@ -125,7 +145,8 @@ class EncoderDecoder(ModelBase):
         return self._encode(encoder_input_tokens, segment_ids, positions, key)[0]
 
     def _run_decoder(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
-                decoder_segment_ids, decoder_positions, key) -> tuple[jax.Array, Stats]:
+                decoder_segment_ids, decoder_positions, key,
+                features: bool = False) -> tuple[jax.Array, Stats]:
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise UserError("packed inputs need both encoder_segment_ids and "
                             "decoder_segment_ids (or neither, for unpacked batches).")
@@ -141,12 +162,12 @@ class EncoderDecoder(ModelBase):
             cross_mask = segment_mask(decoder_segment_ids, encoder_segment_ids)
             token_mask = decoder_segment_ids != 0
         pos = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
-        ctx = Context(self_mask=self_mask, self_bias=self.decoder.position_bias(pos, pos),
+        ctx = Context(self_mask=self_mask, self_bias=self.decoder.sequence_bias(pos, length),
                       positions=pos, cross_mask=cross_mask, token_mask=token_mask,
                       encoded=encoded)
         x, stats = self.decoder(self._embed(decoder_input_tokens, k_embed), ctx, k_stack)
         x = dropout(x, self.config.dropout_rate, k_out)
-        return self.logits(x), stats
+        return self.output(x, features), stats
 
     def run_decoder(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *, encoder_segment_ids: jax.Array | None = None,
@@ -165,11 +186,13 @@ class EncoderDecoder(ModelBase):
                  decoder_segment_ids: jax.Array | None = None,
                  encoder_positions: jax.Array | None = None,
                  decoder_positions: jax.Array | None = None, deterministic: bool = True,
-                 dropout_rng: jax.Array | None = None):
+                 dropout_rng: jax.Array | None = None, return_features: bool = False):
         """(logits float32 [B, T, vocab], aux dict of float32 scalars).
 
         `dropout_rng` (optional) is the dropout key for this call; without it a training call
         (deterministic=False, dropout_rate > 0) draws from the model's own dropout stream.
+        `return_features=True` returns `OutputFeatures` in place of the logits (for a loss
+        over vocabulary chunks, `t5lite.train.chunked_loss`).
         """
         key = self._dropout_key(deterministic, dropout_rng)
         k_enc, k_dec = split_key(key, 2)
@@ -177,7 +200,7 @@ class EncoderDecoder(ModelBase):
                                           encoder_positions, k_enc)
         logits, dec_stats = self._run_decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                                          encoder_segment_ids, decoder_segment_ids,
-                                         decoder_positions, k_dec)
+                                         decoder_positions, k_dec, return_features)
         return logits, aux_from_stats(self.config, add_stats(enc_stats, dec_stats))
 
     # ------------------------------------------------------------------ incremental decoding

@@ -69,6 +69,10 @@ class TrainConfig:
             fail("loss must be a LossConfig.")
         if self.distill is not None and not isinstance(self.distill, DistillConfig):
             fail("distill must be a DistillConfig or None.")
+        if self.distill is not None and self.loss.vocab_chunk > 0:
+            fail(f"loss.vocab_chunk={self.loss.vocab_chunk} with distillation: the "
+                 "distillation loss needs the student's full logits; set "
+                 "LossConfig.vocab_chunk = 0.")
         freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze or ())
         if not all(isinstance(f, str) and f for f in freeze):
             fail(f"freeze={self.freeze!r} must be a list of non-empty regular expressions.")

@@ -36,6 +36,10 @@ class LossConfig:
 
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
+    # > 0: the train step computes the loss over this many vocabulary entries at a time from
+    # the final decoder states, never materialising float32 [B, T, V] logits
+    # (`t5lite.train.chunked_loss`); 0: from the logits
+    vocab_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.z_loss < 0:
@@ -43,6 +47,10 @@ class LossConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"LossConfig: label_smoothing={self.label_smoothing} must be in "
                               "[0, 1).")
+        if (not isinstance(self.vocab_chunk, int) or isinstance(self.vocab_chunk, bool)
+                or self.vocab_chunk < 0):
+            raise ConfigError(f"LossConfig: vocab_chunk={self.vocab_chunk!r} must be a "
+                              "non-negative integer (0 = loss from the full logits).")
 
 
 def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,

@@ -34,6 +34,7 @@ from t5lite import checkpoint
 from t5lite.config import ModelConfig
 from t5lite.errors import ConfigError
 from t5lite.models import build_model, param_logical_axes
+from t5lite.models.compute_cast import step_param_cast
 from t5lite.parallel.rules import (Rules, axes_to_pure, get_rules, logical_to_sharding,
                                    partitioned, tree_shardings)
 from t5lite.train.config import TrainConfig
@@ -205,7 +206,8 @@ def make_setup(model_config: ModelConfig, train_config: TrainConfig, mesh: Mesh,
     with partitioned(mesh, rules):
         apply_fn = make_apply_fn(parts["graphdef"], parts["rest"])
         step_fn = make_train_step(apply_fn, tx, schedule, tc.loss, tc.microbatches,
-                                  distill.loss if distill else None)
+                                  distill.loss if distill else None,
+                                  param_cast=step_param_cast(model_config))
         if distill is None:
             train_step = jax.jit(step_fn, in_shardings=(shardings, None),
                                  out_shardings=(shardings, replicated), donate_argnums=(0,))

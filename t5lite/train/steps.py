@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from t5lite.models.compute_cast import widen_like
 from t5lite.parallel.rules import constrain
+from t5lite.train.chunked_loss import loss_sums
 from t5lite.train.losses import LossConfig, token_loss_sums
 from t5lite.train.state import TrainState
 
@@ -32,17 +34,20 @@ Metrics = dict[str, jax.Array]
 
 
 class ApplyFn(Protocol):
-    def __call__(self, params: Any, batch: Batch,
-                 dropout_key: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+    def __call__(self, params: Any, batch: Batch, dropout_key: jax.Array | None,
+                 features: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
 
-def model_forward(model: Any, batch: Batch, dropout_key: jax.Array | None
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def model_forward(model: Any, batch: Batch, dropout_key: jax.Array | None,
+                  features: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Call an EncoderDecoder (batch has `encoder_input_tokens`) or a DecoderOnly model.
 
     `dropout_key=None` means deterministic (evaluation); otherwise dropout uses that key.
+    `features=True`: `OutputFeatures` in place of the logits (`t5lite.models.features`).
     """
     kwargs = {"deterministic": dropout_key is None, "dropout_rng": dropout_key}
+    if features:
+        kwargs["return_features"] = True
     if "encoder_input_tokens" in batch:
         return model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                      encoder_segment_ids=batch.get("encoder_segment_ids"),
@@ -62,9 +67,10 @@ def make_apply_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> ApplyFn:
     key is passed explicitly, derived from the checkpointed RNG and the step number).
     """
 
-    def apply(params: Any, batch: Batch, dropout_key: jax.Array | None):
+    def apply(params: Any, batch: Batch, dropout_key: jax.Array | None,
+              features: bool = False):
         model = nnx.merge(graphdef, params, rest)
-        return model_forward(model, batch, dropout_key)
+        return model_forward(model, batch, dropout_key, features)
 
     return apply
 
@@ -91,9 +97,16 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     learning_rate: Callable[[Any], Any], loss_config: LossConfig,
-                    microbatches: int = 1, distill: Any = None
+                    microbatches: int = 1, distill: Any = None,
+                    param_cast: Callable[[Any], Any] | None = None
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
     """`step(state, batch) -> (new_state, metrics)`; metrics are global scalars.
+
+    `param_cast` (e.g. `t5lite.models.compute_cast.cast_matmul_kernels` to bfloat16): applied
+    to the parameters once per step, before the microbatch loop; gradients are taken with
+    respect to its output and widened back to the parameters' dtypes.
+    `loss_config.vocab_chunk > 0` (without distillation): the loss is computed from the
+    model's `OutputFeatures` over vocabulary chunks (`t5lite.train.chunked_loss`).
 
     With `distill` (a `t5lite.train.distill.DistillLoss`) the step is
     `step(state, batch, teacher_params)`, the optimised token sum is the distillation total
@@ -101,10 +114,17 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     `distill_temperature`.
     """
 
+    chunked = loss_config.vocab_chunk > 0 and distill is None
+
     def loss_fn(params, batch, normalizer, key, teacher_params=None, step=None):
-        logits, aux = apply_fn(params, batch, key)
-        sums = token_loss_sums(logits, batch["decoder_target_tokens"],
-                               batch["decoder_loss_weights"], loss_config)
+        if chunked:
+            feats, aux = apply_fn(params, batch, key, features=True)
+            sums = loss_sums(feats, batch["decoder_target_tokens"],
+                             batch["decoder_loss_weights"], loss_config)
+        else:
+            logits, aux = apply_fn(params, batch, key)
+            sums = token_loss_sums(logits, batch["decoder_target_tokens"],
+                                   batch["decoder_loss_weights"], loss_config)
         moe = _moe_loss(aux)
         if distill is not None:
             total, kd_sums = distill(teacher_params, batch, logits, sums["loss"], step)
@@ -122,25 +142,27 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         normalizer = jnp.maximum(jnp.sum(weights), 1.0)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        params_in = state.params if param_cast is None else param_cast(state.params)
         if microbatches == 1:
-            grads, (sums, aux) = grad_fn(state.params, batch, normalizer, step_key,
+            grads, (sums, aux) = grad_fn(params_in, batch, normalizer, step_key,
                                          teacher_params, state.step)
+            grads = widen_like(grads, state.params)
         else:
             mbs = _split_microbatches(batch, microbatches)
 
             def body(carry, xs):
                 acc_grads, acc_sums, acc_aux = carry
                 mb, i = xs
-                g, (s, a) = grad_fn(state.params, mb, normalizer,
+                g, (s, a) = grad_fn(params_in, mb, normalizer,
                                     jax.random.fold_in(step_key, i), teacher_params, state.step)
-                acc_grads = jax.tree.map(jnp.add, acc_grads, g)
+                acc_grads = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), acc_grads, g)
                 acc_sums = jax.tree.map(jnp.add, acc_sums, s)
                 acc_aux = jax.tree.map(lambda x, y: x + y / microbatches, acc_aux, a)
                 return (acc_grads, acc_sums, acc_aux), None
 
             zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             first = jax.tree.map(lambda x: x[0], mbs)
-            abstract = jax.eval_shape(lambda: grad_fn(state.params, first, normalizer,
+            abstract = jax.eval_shape(lambda: grad_fn(params_in, first, normalizer,
                                                       step_key, teacher_params,
                                                       state.step)[1])
             zeros_s, zeros_a = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
