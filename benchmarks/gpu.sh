@@ -24,6 +24,8 @@
 # failing configuration is logged and the script goes on); no new run starts after
 # $TIME_BUDGET seconds:
 #   train  T5 v1.1-large (783M)  batch 32  cudnn attention   no remat   (+ bf16 jnp.dot peak)
+#   train  the same with the step options of issue 16 (sharedbias,castonce,vocabchunk below)
+#   train  the same with them and remat save_projections
 #   train  T5 v1.1-large (783M)  batch 32  einsum attention  no remat   (the CPU default)
 #   train  modern large (571M, RoPE+GQA+SwiGLU)  batch 64  cudnn attention  no remat
 #   decode T5 v1.1-large greedy, batch 8 and 64, 512 inputs, 64 new tokens
@@ -37,6 +39,12 @@
 #   notriton   XLA_FLAGS+=--xla_gpu_enable_triton_gemm=false (cuBLAS for every matmul)
 #   profile    also trace two steps with jax.profiler; the trace is kept as
 #              OUT_DIR/<run>.xplane.pb.gz (read it with benchmarks/profile_summary.py)
+#   sharedbias ModelConfig.shared_relative_bias=True (one [1, H, Q, K] relative bias per stack)
+#   castonce   ModelConfig.cast_params_once=True (kernels cast to bf16 once per step)
+#   vocabchunk the loss over 4096 vocabulary entries at a time (LossConfig.vocab_chunk; no
+#              float32 [B, T, V] logits)
+#   unrollN    ModelConfig.scan_unroll=N (N layers per iteration of the layer scan)
+# and REMAT may be any ModelConfig.remat_policy, e.g. save_projections.
 #
 # Everything lands in OUT_DIR as gpu_bench.log (all output), results.jsonl (one JSON record per
 # run, the fields of benchmarks/train_step.py / vs_transformers.py), summary.txt, and any traces.
@@ -59,6 +67,8 @@ INPUTS=512
 TARGETS=114
 USER_RUNS=${RUNS:-}
 RUNS=${RUNS:-"train:gin/models/t5_1_1/large.gin:32:cudnn:none \
+train:gin/models/t5_1_1/large.gin:32:cudnn:none:sharedbias,castonce,vocabchunk \
+train:gin/models/t5_1_1/large.gin:32:cudnn:save_projections:sharedbias,castonce,vocabchunk \
 train:gin/models/t5_1_1/large.gin:32:einsum:none \
 train:gin/models/modern/large.gin:64:cudnn:none \
 decode:gin/models/t5_1_1/large.gin:8 decode:gin/models/t5_1_1/large.gin:64"}
@@ -66,6 +76,7 @@ PEAK_FLAG=(--measure_device_peak)
 
 if [[ "$DRY_RUN" == "1" ]]; then
   RUNS=${USER_RUNS:-"train:gin/models/t5_1_1/tiny.gin:2:einsum:none \
+train:gin/models/t5_1_1/tiny.gin:2:einsum:save_projections:sharedbias,castonce,vocabchunk,unroll2 \
 train:gin/models/modern/small.gin:2:xla:dots decode:gin/models/t5_1_1/tiny.gin:2"}
   STEPS=1; WARMUP=0; INPUTS=64; TARGETS=16
   PEAK_FLAG=(--no_peak)
@@ -170,6 +181,10 @@ for run in $RUNS; do
         unrolled) extra+=(--gin="ModelConfig.scan_layers=False") ;;
         adamw) extra+=(--optimizer=adamw) ;;
         notriton) xla_flags="$xla_flags --xla_gpu_enable_triton_gemm=false" ;;
+        sharedbias) extra+=(--gin="ModelConfig.shared_relative_bias=True") ;;
+        castonce) extra+=(--gin="ModelConfig.cast_params_once=True") ;;
+        vocabchunk) extra+=(--vocab_chunk=4096) ;;
+        unroll[0-9]*) extra+=(--gin="ModelConfig.scan_unroll=${option#unroll}") ;;
         profile) profile_dir="$SCRATCH/profile_$tag"; extra+=(--profile_dir="$profile_dir") ;;
         *) say "error: unknown run option '$option' in '$run'"; exit 2 ;;
       esac

@@ -162,6 +162,7 @@ class TrainStepBench:
         from t5lite.parallel.mesh import MeshConfig, make_mesh
         from t5lite.train.setup import make_setup
         from t5lite.train.steps import make_apply_fn, make_train_step
+        from t5lite.models.compute_cast import step_param_cast
 
         self.model_config = model_config
         self.train_config = TrainConfig(
@@ -173,7 +174,8 @@ class TrainStepBench:
         # The same step function and jit arguments as make_setup's `train_step`; built here
         # again (identically) so it can be lowered and compiled ahead of time.
         step_fn = make_train_step(make_apply_fn(s.graphdef, s.rest), s.tx, s.schedule,
-                                  self.train_config.loss, self.train_config.microbatches)
+                                  self.train_config.loss, self.train_config.microbatches,
+                                  param_cast=step_param_cast(model_config))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._jitted = jax.jit(step_fn, in_shardings=(s.state_shardings, None),
                                out_shardings=(s.state_shardings, replicated),
@@ -256,11 +258,12 @@ def machine() -> dict:
 def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
         steps: int, warmup: int, optimizer: OptimizerConfig | None = None, packed: bool = False,
         measure_peak: bool = True, peak_sizes=(512, 1024, 2048), profile_dir: str | None = None,
-        mesh=None, measure_device_peak: bool = False, log=print) -> dict:
+        mesh=None, measure_device_peak: bool = False, log=print,
+        loss: LossConfig | None = None) -> dict:
     """Build, compile and time the train step; returns the result record (see module doc)."""
     bench = TrainStepBench(model_config, batch_size=batch_size, inputs_length=inputs_length,
                            targets_length=targets_length, optimizer=optimizer, packed=packed,
-                           mesh=mesh)
+                           mesh=mesh, loss=loss)
     compile_s = bench.compile()
     log(f"compiled in {compile_s:.1f} s")
     bench.time_steps(warmup)
@@ -277,7 +280,8 @@ def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targe
         "model": {k: getattr(model_config, k) for k in (
             "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
             "num_decoder_layers", "vocab_size", "dtype", "scan_layers", "remat_policy",
-            "attention_impl")},
+            "attention_impl", "scan_unroll", "shared_relative_bias", "cast_params_once")},
+        "loss_vocab_chunk": bench.train_config.loss.vocab_chunk,
         "params": int(sum(np.prod(x.shape) for x in
                           jax.tree.leaves(bench.setup.abstract_state.params))),
         "optimizer": bench.train_config.optimizer.name,
@@ -336,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="compute dtype (default: the gin file's)")
     parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
     parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--vocab_chunk", type=int, default=0,
+                        help="LossConfig.vocab_chunk: loss over this many vocabulary entries "
+                             "at a time, no float32 [B, T, V] logits (0: from the logits)")
     parser.add_argument("--no_peak", action="store_true", help="skip the CPU matmul peak")
     parser.add_argument("--measure_device_peak", action="store_true",
                         help="on accelerators, also time a bf16 jnp.dot and report MFU "
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(cfg, batch_size=args.batch_size, inputs_length=args.inputs_length,
                  targets_length=args.targets_length, steps=args.steps, warmup=args.warmup,
                  optimizer=optimizer, packed=args.packed, measure_peak=not args.no_peak,
-                 profile_dir=args.profile_dir, measure_device_peak=args.measure_device_peak)
+                 profile_dir=args.profile_dir, measure_device_peak=args.measure_device_peak,
+                 loss=LossConfig(vocab_chunk=args.vocab_chunk))
     result["command"] = "python benchmarks/train_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     result["gin_files"] = files

@@ -6,6 +6,7 @@ paths, report consistent fields, and that gpu.sh is valid bash.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -110,6 +111,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     """DRY_RUN=1 runs the whole script (smoke test, train, decode) on CPU with tiny models."""
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
            "RUNS": "train:gin/models/t5_1_1/tiny.gin:2:einsum:none:adamw "
+                   "train:gin/models/t5_1_1/tiny.gin:2:einsum:save_projections:"
+                   "sharedbias,castonce,vocabchunk,unroll2 "
                    "decode:gin/models/t5_1_1/tiny.gin:2"}
     env.pop("XLA_FLAGS", None)
     out = tmp_path / "out"
@@ -118,8 +121,15 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "train_t5_1_1_tiny_b2_einsum_remat-none_adamw: step " in summary
+    assert ("train_t5_1_1_tiny_b2_einsum_remat-save_projections_sharedbias_castonce_"
+            "vocabchunk_unroll2: step ") in summary
     assert "decode_t5_1_1_tiny_b2: decode t5lite" in summary
-    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    options = records[1]["model"]
+    assert (options["remat_policy"], options["scan_unroll"], options["shared_relative_bias"],
+            options["cast_params_once"], records[1]["loss_vocab_chunk"]) == (
+        "save_projections", 2, True, True, 4096)
 
 
 def test_gpu_gin_gives_bf16_cudnn_config():
@@ -150,3 +160,21 @@ def test_plain_jax_t5_matches_t5lite_size_and_trains():
         params, loss = step(params, *batch)
         losses.append(float(loss))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_step_hlo_bytes_sees_each_option_in_the_compiled_step(tmp_path):
+    """benchmarks/step_hlo_bytes.py on the tiny model: each cumulative option shrinks the
+    buffers it is about (bias, stacked kernels, logits, stacked residuals)."""
+    from step_hlo_bytes import main
+
+    out = tmp_path / "hlo.json"
+    rows = main(["--gin_file=gin/models/t5_1_1/tiny.gin", "--batch_size=4",
+                 "--inputs_length=32", "--targets_length=8", f"--out={out}"])
+    base, shared, cast, chunk, proj = rows
+    assert [r["variant"] for r in rows] == ["baseline", "shared_bias", "cast_once",
+                                            "vocab_chunk", "save_projections"]
+    assert 0 < shared["bias_largest_bytes"] * 4 == base["bias_largest_bytes"]  # [1,...] vs [4,...]
+    assert cast["layer_param_bytes"] < shared["layer_param_bytes"]
+    assert base["logits_bytes"] >= 4 * 8 * 32128 * 4 and chunk["logits_bytes"] == 0
+    assert 0 < proj["residual_bytes"] < chunk["residual_bytes"]
+    assert json.loads(out.read_text())["rows"][0]["temp_bytes"] == base["temp_bytes"] > 0
