@@ -248,10 +248,24 @@ def peak_flops(measure_cpu: bool = True, sizes=(512, 1024, 2048),
                                   f"{measured['best_size']}^2) in this run"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (figures differ a lot between CPU kinds)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
+    """Where a figure came from: device, CPU model, and the load average when it was taken."""
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device_kind": dev.device_kind,
-            "devices": jax.device_count(), "cpus": os.cpu_count(),
+            "devices": jax.device_count(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
             "host": platform.platform(), "jax": jax.__version__}
 
 

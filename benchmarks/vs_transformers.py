@@ -220,8 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = model_config_from_gin(files, args.gin)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
-    print(f"{files[-1]} t5lite dtype={cfg.dtype}; {machine()['cpus']} CPUs, torch threads "
-          f"{args.threads}", flush=True)
+    where = machine()
+    print(f"{files[-1]} t5lite dtype={cfg.dtype}; {where['cpu_model']}, {where['cpus']} CPUs, "
+          f"load average {where['load_average_1min']}, torch threads {args.threads}", flush=True)
+    if where["load_average_1min"] > 1.0:
+        print("warning: the machine is busy; PyTorch's threads slow down far more than XLA's "
+              "under contention, so the ratios below are not comparable to an idle run",
+              flush=True)
     result = {"benchmark": "vs_transformers", "gin_files": files, "dtype": cfg.dtype,
               "batch_size": args.batch_size, "inputs_length": args.inputs_length,
               "targets_length": args.targets_length, "machine": machine()}
