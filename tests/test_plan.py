@@ -143,6 +143,48 @@ def test_collective_bytes_tpu_forms():
     assert got["all-reduce"] == 0  # the all-reduce inside the reduce-scatter is not extra
 
 
+# The TPU compiler's all-gather by all-reduce: shards written into zero buffers
+# (dynamic-update-slice, directly or as a fusion's root) and summed; a tuple all-reduce may mix
+# such gathers with true reductions (here a gradient of f32[4096]).
+GATHER_BY_ALL_REDUCE_HLO = """HloModule m
+
+%fused_dus (param_0.1: f32[1,64,256], param_1.1: f32[1,8,256], param_2.1: u32[]) -> f32[1,64,256] {
+  %param_0.1 = f32[1,64,256]{1,2,0:T(8,128)} parameter(0)
+  %param_1.1 = f32[1,8,256]{1,2,0:T(8,128)} parameter(1)
+  %constant.9 = u32[]{:T(128)} constant(0)
+  %param_2.1 = u32[]{:T(128)S(6)} parameter(2)
+  ROOT %dynamic-update-slice.3 = f32[1,64,256]{1,2,0:T(8,128)} dynamic-update-slice(%param_0.1, %param_1.1, %constant.9, %param_2.1, %constant.9)
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+ENTRY %main.2_spmd (w: f32[8,256], v: f32[1,8,256], g: f32[4096], i: u32[]) -> f32[64,256] {
+  %w = f32[8,256]{1,0} parameter(0)
+  %v = f32[1,8,256]{1,2,0} parameter(1)
+  %g = f32[4096]{0:T(1024)} parameter(2)
+  %i = u32[] parameter(3)
+  %constant.1 = f32[]{:T(128)} constant(0)
+  %broadcast.1 = f32[64,256]{1,0:T(8,128)S(3)} broadcast(%constant.1), dimensions={}
+  %broadcast.2 = f32[1,64,256]{1,2,0:T(8,128)} broadcast(%constant.1), dimensions={}
+  %dynamic-update-slice.1 = f32[64,256]{1,0:T(8,128)S(3)} dynamic-update-slice(%broadcast.1, %w, %i, %i)
+  %fusion.7 = f32[1,64,256]{1,2,0:T(8,128)} fusion(%broadcast.2, %v, %i), kind=kLoop, calls=%fused_dus
+  %all-reduce.1 = (bf16[64,256]{1,0:T(8,128)(2,1)}, f32[4096]{0:T(1024)}, f32[1,64,256]{1,2,0}) all-reduce(%dynamic-update-slice.1, %g, %fusion.7), channel_id=5, replica_groups=[1,8]<=[8], to_apply=%add
+  %all-reduce.2 = f32[4096]{0:T(1024)} all-reduce(%g), channel_id=6, replica_groups=[1,8]<=[8], to_apply=%add
+  ROOT %r = f32[64,256]{1,0} get-tuple-element(%all-reduce.1), index=0
+}
+"""
+
+
+def test_collective_bytes_gathers_written_as_all_reduce():
+    got = hlo.collective_bytes(GATHER_BY_ALL_REDUCE_HLO)
+    assert got["all-gather"] == 64 * 256 * 2 + 64 * 256 * 4  # bf16 direct + f32 via fusion
+    assert got["all-reduce"] == 4096 * 4 * 2  # the gradient in the tuple + the plain one
+
+
 def test_parse_hbm_oom():
     got = parse_hbm_oom("Ran out of memory in memory space hbm. Used 45.20G of 31.25G hbm.")
     assert got == {"used": int(45.2 * 2**30), "capacity": int(31.25 * 2**30)}
@@ -198,6 +240,23 @@ def test_cpu_plan_bytes_equal_real_born_sharded_state(recipe, mesh_config, optim
         assert params < sum(x.nbytes for x in jax.tree.leaves(state.params))
 
 
+def test_plan_skips_the_compile_when_the_state_alone_exceeds_hbm():
+    tc = TrainConfig(batch_size=16, partitioning="fsdp")
+    topo = topologies.parse_topology("cpu:8")
+    devices = topologies.target_devices(topo)
+    mesh_config = MeshConfig(data=1, fsdp=8)
+    held_setup = make_setup(TINY, tc, make_mesh(mesh_config, devices=devices), compile_only=True)
+    state = held_setup.abstract_state
+    from t5lite.plan.train import sharded_bytes
+
+    held = sharded_bytes(state.params) + sharded_bytes(state.opt_state)
+    plan = plan_train(TINY, tc, mesh_config, LENGTHS, topo, devices, hbm_bytes=held,
+                      skip_if_arguments_exceed_hbm=True)  # + the batch: over by its bytes
+    assert plan.fits is False and plan.compile_seconds == 0 and "not compiled" in plan.note
+    assert plan.per_device["peak_bytes"] == held + plan.per_device["batch_bytes"]
+    assert plan.per_device["temp_bytes"] is None and plan.collective_bytes == {}
+
+
 # ---------------------------------------------------------------- the command
 def _plan(repo_root, tmp_path, *args, env_extra=None, python_prefix=None):
     gin = tmp_path / "tiny.gin"
@@ -214,9 +273,14 @@ def _plan(repo_root, tmp_path, *args, env_extra=None, python_prefix=None):
 
 def test_cli_cpu_json_and_decode(repo_root, tmp_path):
     out = _plan(repo_root, tmp_path, "--topology=cpu:4", "--partitioning=fsdp", "--format=json",
-                "--hbm_gib=1")
+                "--hbm_gib=1", f"--save_hlo={tmp_path / 'hlo'}")
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
+    import gzip
+
+    saved = tmp_path / "hlo" / "cpu-4_fsdp_fsdp4_train.hlo.txt.gz"
+    with gzip.open(saved, "rt") as f:  # the compiled module, from which the JSON's bytes came
+        assert hlo.collective_bytes(f.read()) == row["collective_bytes"]
     for key in ("topology", "num_devices", "partitioning", "mesh", "per_device", "fits",
                 "model_flops_per_step", "compile_seconds"):
         assert key in row

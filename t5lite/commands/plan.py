@@ -48,6 +48,8 @@ flags.DEFINE_integer("decode_len", None, "--mode=decode: tokens to decode (defau
                      "targets length)", **_F)
 flags.DEFINE_string("decode_method", "greedy", "--mode=decode: greedy | sample | beam", **_F)
 flags.DEFINE_integer("decode_beams", 4, "--mode=decode --decode_method=beam: beam size", **_F)
+flags.DEFINE_string("save_hlo", None, "also write each compiled module's HLO text to this "
+                    "directory (TOPOLOGY_RECIPE_MESH_MODE.hlo.txt.gz)", **_F)
 
 _PLACEHOLDER_TASK = 'MIXTURE_OR_TASK_NAME = "t5lite_plan"'
 
@@ -108,7 +110,8 @@ def main(gin_bindings: Sequence[str]) -> None:
         list(FLAGS.gin_file), [_PLACEHOLDER_TASK] + list(gin_bindings))
     request = PlanRequest(
         model_config=model_config, train_config=train_config, mesh_config=mesh_config,
-        feature_lengths=feature_lengths, topology=topo, partitioning=FLAGS.partitioning, search=FLAGS.search, mode=FLAGS.mode,
+        feature_lengths=feature_lengths, topology=topo, partitioning=FLAGS.partitioning,
+        search=FLAGS.search, mode=FLAGS.mode, hlo_dir=FLAGS.save_hlo,
         hbm_gib=FLAGS.hbm_gib, decode_batch=FLAGS.decode_batch,
         decode_input_len=FLAGS.decode_input_len, decode_len=FLAGS.decode_len,
         decode_method=FLAGS.decode_method, decode_beams=FLAGS.decode_beams)

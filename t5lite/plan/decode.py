@@ -19,13 +19,17 @@ from t5lite.config import ModelConfig
 from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.parallel.rules import get_rules, logical_to_sharding
 from t5lite.plan.topologies import Topology
-from t5lite.plan.train import PlanResult, compile_and_measure, sharded_bytes
+from t5lite.plan.train import PlanResult, compile_and_measure, hlo_file_name, sharded_bytes
 
 
 def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshConfig,
                 topo: Topology, devices: list, hbm_bytes: int | None, *, batch_size: int,
                 input_length: int, max_decode_len: int, method: str = "greedy",
-                beam_size: int = 4) -> PlanResult:
+                beam_size: int = 4, hlo_dir: str | None = None) -> PlanResult:
+    """Compile the inference step `Generator` runs for `devices` and measure it; `hlo_dir`:
+    also write the compiled HLO there."""
+    import os
+
     from t5lite.inference import Generator, _decode_cache
     from t5lite.models import build_model, param_logical_axes
     from t5lite.models.decoding import DecodeConfig
@@ -78,7 +82,9 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
         "params_bytes": sharded_bytes(sds), "optimizer_bytes": 0,
         "cache_bytes": -(-cache_bytes // split), "batch_bytes": sharded_bytes([tokens, lengths])}
     memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-        lower, hbm_bytes, per_device["params_bytes"] + per_device["batch_bytes"])
+        lower, hbm_bytes, per_device["params_bytes"] + per_device["batch_bytes"],
+        hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(topo, partitioning, mesh.shape,
+                                                                 "decode")))
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     from t5lite.train.flops import forward_flops_per_example

@@ -11,7 +11,12 @@ loop's `known_trip_count` when the compiler records it, else the integer bound i
 compares the counter with (`i < N`, the form `lax.scan` produces). Async pairs
 (`all-gather-start` / `-done`) count once, at the start. The TPU compiler writes a
 reduce-scatter as a fusion named `all-reduce-scatter...` (an all-reduce and a dynamic slice):
-it counts as a reduce-scatter of the all-reduce's input.
+it counts as a reduce-scatter of the all-reduce's input. The TPU compiler also writes an
+all-gather (e.g. FSDP's parameter gathers) as an all-reduce of a zero-padded buffer: each device
+`dynamic-update-slice`s its shard into a broadcast of zeros and the buffers are summed. An
+all-reduce operand built that way (directly, or by a fusion whose root is such a
+`dynamic-update-slice`) counts as an all-gather of the full buffer; the other operands of the
+same (tuple) all-reduce stay all-reduce bytes.
 
 Example::
 
@@ -79,9 +84,59 @@ def _trip_count(rest: str, comps: dict) -> int:
     return max(bounds)
 
 
+def _operand_names(rest: str) -> list[str]:
+    """Names of an instruction's operands (`rest` starts just after `opcode(`)."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return re.findall(r"%([\w.\-]+)", rest[:i])
+    return re.findall(r"%([\w.\-]+)", rest)
+
+
+_Instr = tuple[str, str, str]  # (opcode, result type, text after "opcode(")
+_ZERO_BASES = ("broadcast", "constant")
+
+
+def _is_zero_padded(name: str, defs: dict[str, _Instr], roots: dict[str, str],
+                    all_defs: dict[str, dict[str, _Instr]]) -> bool:
+    """Is `name` (in a computation whose instructions are `defs`) a shard written into a
+    broadcast buffer by a dynamic-update-slice — the TPU compiler's all-gather-by-all-reduce?"""
+    op = defs.get(name)
+    if op is None:
+        return False
+    opcode, _, rest = op
+    if opcode == "dynamic-update-slice":
+        base = _operand_names(rest)[:1]
+        return bool(base) and defs.get(base[0], ("",))[0] in _ZERO_BASES
+    if opcode != "fusion":
+        return False
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    inner = all_defs.get(called.group(1), {}) if called else {}
+    root = inner.get(roots.get(called.group(1), "")) if called else None
+    if root is None or root[0] != "dynamic-update-slice":
+        return False
+    base = _operand_names(root[2])[:1]
+    base_op = inner.get(base[0]) if base else None
+    if base_op is None:
+        return False
+    if base_op[0] in _ZERO_BASES:
+        return True
+    if base_op[0] == "parameter":  # the fusion's operand of that index, outside
+        index = int(re.match(r"\s*(\d+)", base_op[2]).group(1))
+        outer = _operand_names(rest)
+        return index < len(outer) and defs.get(outer[index], ("",))[0] in _ZERO_BASES
+    return False
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes per device per step for each collective kind (see module doc)."""
-    comps: dict[str, list[tuple[str, str, str]]] = {}
+    comps: dict[str, list[_Instr]] = {}
+    defs: dict[str, dict[str, _Instr]] = {}  # computation -> instruction name -> instruction
+    roots: dict[str, str] = {}  # computation -> name of its ROOT instruction
     entry = None
     current = None
     for line in hlo_text.splitlines():
@@ -90,6 +145,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             if m:
                 current = m.group(2)
                 comps[current] = []
+                defs[current] = {}
                 if m.group(1):
                     entry = current
             continue
@@ -98,7 +154,11 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             continue
         m = _INSTR.match(line)
         if m:
-            comps[current].append((m.group(3), m.group(2), m.group(4)))
+            instr = (m.group(3), m.group(2), m.group(4))
+            comps[current].append(instr)
+            defs[current][m.group(1)] = instr
+            if line.lstrip().startswith("ROOT "):
+                roots[current] = m.group(1)
     if entry is None:
         return {k: 0 for k in KINDS}
     # how often each computation runs per step (sum over its callers)
@@ -156,7 +216,18 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 continue
             results = _array_bytes(result)
             operands = _array_bytes(rest.split("),")[0])
-            if opcode.endswith("-start"):  # (operand, output) tuples: the larger one
+            if kind == "all-reduce":  # results = operands' shapes, also for all-reduce-start
+                names = _operand_names(rest)
+                gathers = [_is_zero_padded(n, defs[name], roots, defs) for n in names]
+                if any(gathers) and len(names) == len(results):
+                    gathered = sum(b for b, g in zip(results, gathers) if g)
+                    add("all-gather", gathered, rest, times[name])
+                    size = sum(results) - gathered
+                    if size:
+                        add(kind, size, rest, times[name])
+                    continue
+                size = sum(results)
+            elif opcode.endswith("-start"):  # (operand, output) tuples: the larger one
                 size = max(results + operands, default=0)
             elif kind == "reduce-scatter":
                 size = max(sum(results), sum(operands))

@@ -35,6 +35,9 @@ class PlanRequest:
     decode_len: int | None = None
     decode_method: str = "greedy"
     decode_beams: int = 4
+    hlo_dir: str | None = None  # also write each compiled module's HLO text here
+    # train: answer "no" without compiling when the state alone exceeds HBM (plan_train)
+    skip_if_arguments_exceed_hbm: bool = False
 
 
 def _configs(req: PlanRequest) -> list[tuple[str, MeshConfig]]:
@@ -65,16 +68,19 @@ def _one(req: PlanRequest, devices: list, recipe: str, mesh_config: MeshConfig,
         return plan_decode(mc, recipe, mesh_config, req.topology, devices, _hbm(req),
                            batch_size=req.decode_batch, input_length=inputs,
                            max_decode_len=targets, method=req.decode_method,
-                           beam_size=req.decode_beams)
-    return plan_train(mc, tc, mesh_config, req.feature_lengths, req.topology, devices, _hbm(req))
+                           beam_size=req.decode_beams, hlo_dir=req.hlo_dir)
+    return plan_train(mc, tc, mesh_config, req.feature_lengths, req.topology, devices, _hbm(req),
+                      hlo_dir=req.hlo_dir,
+                      skip_if_arguments_exceed_hbm=req.skip_if_arguments_exceed_hbm)
 
 
-def run_plan(req: PlanRequest, fmt: str = "text") -> str:
-    """Compile what `req` asks for; the text or JSON-lines output."""
-    devices = target_devices(req.topology)
+def compile_plans(req: PlanRequest, devices: list | None = None,
+                  ) -> tuple[list[PlanResult], list[tuple[str, str]]]:
+    """Compile every configuration `req` names (one recipe or all; no search): the results and
+    the (recipe, reason) pairs skipped because their mesh or batch split does not work here
+    (with one recipe, that reason is raised as a UserError instead)."""
+    devices = target_devices(req.topology) if devices is None else devices
     configs = _configs(req)
-    if req.search:
-        return _search(req, devices, *configs[0], fmt)
     results: list[PlanResult] = []
     skipped: list[tuple[str, str]] = []
     for recipe, mesh_config in configs:
@@ -84,6 +90,14 @@ def run_plan(req: PlanRequest, fmt: str = "text") -> str:
             if len(configs) == 1:
                 raise
             skipped.append((recipe, str(e)))
+    return results, skipped
+
+
+def run_plan(req: PlanRequest, fmt: str = "text") -> str:
+    """Compile what `req` asks for; the text or JSON-lines output."""
+    if req.search:
+        return _search(req, target_devices(req.topology), *_configs(req)[0], fmt)
+    results, skipped = compile_plans(req)
     if fmt == "json":
         return report.to_json_lines(report.sort_rows(results))
     if len(results) == 1 and not skipped:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -114,6 +115,14 @@ def abstract_batch(feature_lengths: dict[str, int], batch_size: int, batch_shard
             for name, length in feature_lengths.items()}
 
 
+def hlo_file_name(topo: Topology, recipe: str, mesh_shape, mode: str) -> str:
+    """`v4-256_fsdp_fsdp128_train.hlo.txt.gz`: one file per target, recipe and mesh split."""
+    split = "".join(f"{k}{v}" for k, v in mesh_shape.items() if v > 1) or "1"
+    slices = f"x{topo.num_slices}" if topo.num_slices > 1 else ""
+    name = re.sub(r"[^A-Za-z0-9.-]", "-", topo.name)
+    return f"{name}{slices}_{recipe}_{split}_{mode}.hlo.txt.gz"
+
+
 def model_flops(model_config: ModelConfig, feature_lengths: dict[str, int],
                 batch_size: int) -> float:
     from t5lite.train.flops import train_flops_per_step
@@ -126,10 +135,23 @@ def model_flops(model_config: ModelConfig, feature_lengths: dict[str, int],
                                 feature_lengths["decoder_target_tokens"])
 
 
-def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0):
+def save_hlo(text: str, path: str) -> None:
+    """Write a compiled module's HLO text to `path` (gzip-compressed when it ends in .gz)."""
+    import gzip
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write(text)
+
+
+def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0,
+                        hlo_path: str | None = None):
     """(memory dict, fits, flops, collectives, lower s, (compile s, compile CPU s), note) of one
     compile. `argument_bytes` (what the arguments hold per device, from their shardings) completes
-    the peak when the compiler only reports the temporaries that did not fit."""
+    the peak when the compiler only reports the temporaries that did not fit. `hlo_path`: also
+    write the compiled HLO text there (see `save_hlo`)."""
     t0 = time.perf_counter()
     lowered = lower_fn()
     t1 = time.perf_counter()
@@ -168,14 +190,22 @@ def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     flops = float(cost["flops"]) if cost and "flops" in cost else None
-    collectives = collective_bytes(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_path:
+        save_hlo(text, hlo_path)
+    collectives = collective_bytes(text)
     return memory, fits, flops, collectives, t1 - t0, (t2 - t1, cpu), note
 
 
 def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config: MeshConfig,
                feature_lengths: dict[str, int], topo: Topology, devices: list,
-               hbm_bytes: int | None) -> PlanResult:
-    """Compile `t5lite train`'s step for `devices` and measure it (see module doc)."""
+               hbm_bytes: int | None, hlo_dir: str | None = None,
+               skip_if_arguments_exceed_hbm: bool = False) -> PlanResult:
+    """Compile `t5lite train`'s step for `devices` and measure it (see module doc).
+    `hlo_dir`: also write the compiled HLO there (`hlo_file_name`).
+    `skip_if_arguments_exceed_hbm`: when the state and batch a device must hold (exact, from the
+    shardings) already exceed `hbm_bytes`, answer "does not fit" without compiling (their sum is
+    then the peak given, a lower bound; the compiler's fields are None)."""
     from t5lite.train.setup import make_setup
 
     mesh = make_mesh(mesh_config, devices=devices)
@@ -187,8 +217,18 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
         "optimizer_bytes": sharded_bytes(state.opt_state),
         "batch_bytes": sharded_bytes(batch),
     }
-    memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-        lambda: setup.train_step.lower(state, batch), hbm_bytes, sum(per_device.values()))
+    held = sum(per_device.values())
+    if skip_if_arguments_exceed_hbm and hbm_bytes is not None and held > hbm_bytes:
+        memory = {"argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+                  "temp_bytes": None, "generated_code_bytes": None, "peak_bytes": held}
+        fits, flops, collectives, lower_s, compile_s = False, None, {}, 0.0, (0.0, 0.0)
+        note = ("not compiled: the parameters, optimiser state and batch a device holds "
+                "already exceed its HBM (peak given = their sum, a lower bound)")
+    else:
+        memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
+            lambda: setup.train_step.lower(state, batch), hbm_bytes, held,
+            hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(
+                topo, train_config.partitioning, mesh.shape, "train")))
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     return PlanResult(
