@@ -107,7 +107,7 @@ def sweep(preset: str, generation: str, max_chips: int, out, bindings: list[str]
         if fitting:
             best = fitting[0]
             summary = dict(
-                summary="smallest slice that fits", preset=preset, generation=generation,
+                summary="smallest slice that fits", generation=generation,
                 batch_size=train.batch_size, slices_tried=tried, topology=name,
                 num_devices=best.num_devices, fitting_recipes=[r.partitioning for r in fitting],
                 best=best.partitioning, best_mesh={k: v for k, v in best.mesh.items() if v > 1},
