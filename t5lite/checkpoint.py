@@ -14,7 +14,9 @@ a step whose arrays cannot be read, and a `<step>.orbax-checkpoint-tmp-*` dir le
 that died while saving, are *broken*: readers skip them (the newest intact step is used) and they
 are moved, never deleted, to `MODEL_DIR/checkpoints_broken/` with a warning naming the step and
 what is wrong. A full disk while saving raises `DiskFullError` (one
-line naming the path and the free space); the partial write is removed, earlier steps stay.
+line naming the path and the free space); the partial write is removed (until Orbax's writes
+still in flight stop re-creating it: `checkpoint_faults.remove_partial_saves`), earlier steps
+stay.
 
 A *params-only* checkpoint (written by `save_params`, e.g. by `t5lite import`) has no `train`
 item: `t5lite eval`, inference and `init_from` read it like any other; `t5lite train` resuming

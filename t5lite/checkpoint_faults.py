@@ -7,9 +7,12 @@ checkpoints dir itself (`MODEL_DIR/checkpoints`) and never talks to Orbax; it re
 plain files and reads Orbax's errors as text.
 
 A step dir is *broken* when it has a zero-length file, unreadable or missing metadata, a missing
-item, or arrays that cannot be read; a `<step>.orbax-checkpoint-tmp-*` dir is a save that never
+item, or arrays that cannot be read; a `<step>.orbax-checkpoint-tmp*` dir (Orbax 0.12 names it
+`<step>.orbax-checkpoint-tmp`, older versions add `-<timestamp>`) is a save that never
 finished. Broken dirs are moved, never deleted, to `MODEL_DIR/checkpoints_broken/` with a
-`.why.txt` note and a warning naming the step and what is wrong.
+`.why.txt` note and a warning naming the step and what is wrong. The one exception: the partial
+save of a step whose save failed on a full disk is deleted by the process that was writing it
+(`disk_full_guard`), since it holds nothing that the earlier steps do not.
 """
 
 from __future__ import annotations
@@ -198,9 +201,49 @@ def is_read_failure(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------- a full disk while saving
 
+def _partial_saves(directory: str, step: int | None) -> list[str]:
+    """Names of the `<step>.orbax-checkpoint-tmp*` dirs of `step` (any step: None)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [n for n in names
+            if (m := UNFINISHED.match(n)) and (step is None or int(m[1]) == step)]
+
+
+def remove_partial_saves(directory: str, step: int | None, quiet: float = 2.0,
+                         limit: float = 60.0) -> list[str]:
+    """Delete the partial `<step>.orbax-checkpoint-tmp*` dirs of a save that failed, and keep
+    deleting them until none has come back for `quiet` seconds (at most `limit` seconds).
+    Returns the names still there after `limit` (empty: all gone).
+
+    When one write of an async Orbax save fails, the error surfaces at once while the save's
+    other writes (its other items, the sharding and array metadata, TensorStore's own threads)
+    are still running; they re-create the tmp dir they write into (seen: `2.orbax-checkpoint-tmp
+    /train.orbax-checkpoint-tmp/_sharding` 0.1 s after it was deleted). Only the process whose
+    save failed calls this, for its own step: a finished step is never touched.
+    """
+    deadline = time.monotonic() + limit
+    quiet_since = time.monotonic()
+    while True:
+        names = _partial_saves(directory, step)
+        for name in names:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        now = time.monotonic()
+        if names:
+            quiet_since = now
+        elif now - quiet_since >= quiet:
+            return []
+        if now >= deadline:
+            return _partial_saves(directory, step)
+        time.sleep(0.05)
+
+
 class disk_full_guard:
     """Turn a full disk during a save into `DiskFullError`, removing this process's partial
-    `<step>.orbax-checkpoint-tmp-*` dirs (the earlier, finished steps are untouched)."""
+    `<step>.orbax-checkpoint-tmp*` dirs (see `remove_partial_saves`; the earlier, finished steps
+    are untouched). A partial dir that keeps coming back is left with a warning: the next start
+    moves it to `checkpoints_broken/` like any unfinished save."""
 
     def __init__(self, directory: str, step: int | None):
         self.directory, self.step = directory, step
@@ -213,11 +256,12 @@ class disk_full_guard:
             return False
         from t5lite.parallel.hosts import is_primary
 
-        if is_primary() and os.path.isdir(self.directory):
-            for name in os.listdir(self.directory):
-                m = UNFINISHED.match(name)
-                if m and (self.step is None or int(m[1]) == self.step):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if is_primary():
+            left = remove_partial_saves(self.directory, self.step)
+            if left:
+                log.warning("could not remove the partial save %s in %s (still being written "
+                            "after the disk filled up); the next start moves it to %s.",
+                            ", ".join(left), self.directory, broken_dir(self.directory))
         where = (f"checkpoint step {self.step} to" if self.step is not None
                  else "saving a checkpoint to")
         raise disk_full_error(self.directory, f"writing {where}" if self.step is not None

@@ -5,6 +5,7 @@ start. Runs on a size-limited tmpfs (needs root to mount; skipped otherwise)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
@@ -22,21 +23,29 @@ from t5lite.train.setup import make_setup
 from train_fixtures import SyntheticData, resume_config
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MB tmpfs mounted at tmp_path/disk (unmounted afterwards)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
+PAGE = 4096  # tmpfs allocates whole pages: a file of n bytes takes ceil(n / 4096) of them
+
+
+def _mount_tmpfs(mount: str, size: int) -> None:
+    """Mount a tmpfs of `size` bytes at `mount`; skip the test where that is not possible."""
+    os.makedirs(mount, exist_ok=True)
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs mounted at tmp_path/disk (unmounted afterwards)."""
+    mount = str(tmp_path / "disk")
+    _mount_tmpfs(mount, 4 << 20)
     try:
-        yield str(mount)
+        yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", mount], check=False)
 
 
 def _fill(directory: str, leave: int = 0) -> str:
@@ -62,6 +71,22 @@ def _fill_completely(directory: str) -> str:
                 return path
 
 
+def _footprint(path: str) -> int:
+    """Bytes the files under `path` take on a tmpfs (whole pages)."""
+    return sum(-(-os.path.getsize(os.path.join(r, f)) // PAGE) * PAGE
+               for r, _, fs in os.walk(path) for f in fs)
+
+
+def _digests(path: str) -> dict[str, str]:
+    out = {}
+    for r, _, fs in os.walk(path):
+        for f in fs:
+            with open(os.path.join(r, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(r, f), path)] = hashlib.sha256(
+                    fh.read()).hexdigest()
+    return out
+
+
 def _config(steps: int):
     tc, mc = resume_config(steps)
     return dataclasses.replace(tc, checkpoint_period=1), mc
@@ -73,29 +98,66 @@ def _run(model_dir: str, steps: int):
                  SyntheticData(tc.batch_size, eval_batches=0), model_dir, console=False)
 
 
-def test_disk_full_during_a_checkpoint_save(small_disk):
-    model_dir = os.path.join(small_disk, "run")
+@pytest.fixture(scope="module")
+def after_step_one(tmp_path_factory):
+    """A run stopped after its checkpoint of step 1 (each case copies it onto its small disk)
+    and that checkpoint's footprint on a tmpfs."""
+    model_dir = str(tmp_path_factory.mktemp("step_one") / "run")
     _run(model_dir, 1)
     ckpts = os.path.join(model_dir, "checkpoints")
-    one = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ckpts) for f in fs)
-    filler = _fill(small_disk, leave=one // 3)  # room for metrics lines, not a checkpoint
-
-    with pytest.raises(checkpoint.DiskFullError) as err:
-        _run(model_dir, 3)
-    message = str(err.value)
-    assert "\n" not in message
-    assert f"checkpoint step 2 to {ckpts}" in message and " free)" in message
-    # the earlier checkpoint is intact and loadable; the partial save is gone
     assert sorted(os.listdir(ckpts)) == ["1"]
-    assert checkpoint.latest_step(model_dir) == 1
-    tc, mc = _config(3)
-    setup = make_setup(mc, tc, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    checkpoint.restore_params(model_dir, setup.abstract_state.params)
-    read_metrics(model_dir)  # still parses
+    return model_dir, _footprint(os.path.join(ckpts, "1"))
 
-    os.remove(filler)  # space again: the same command continues from step 1 and finishes
-    result = _run(model_dir, 3)
-    assert "resuming from the checkpoint of step 1" in result.start and result.step == 3
+
+# Where the disk fills during the save of step 2: the free space left is this fraction of one
+# checkpoint's footprint (plus 64 kB for the metrics rows). Orbax's save needs more than the
+# footprint while it runs (per-process OCDBT files are merged at the end), so each level meets
+# ENOSPC at another moment; seen here: 0.0 the metrics first, the save's error at the final wait;
+# 0.4 the array writes; 0.8 the sharding metadata; 1.2 merging the OCDBT files (finalize);
+# 1.6 the metadata written after the arrays. Step 2 fits from about 2.2.
+FILL_LEVELS = [0.0, 0.4, 0.8, 1.2, 1.6]
+
+
+@pytest.mark.parametrize("level", FILL_LEVELS, ids=lambda x: f"leave{x:.2f}")
+def test_disk_full_during_a_checkpoint_save(after_step_one, tmp_path, level):
+    source, one = after_step_one
+    mount = str(tmp_path / "disk")
+    # room for the run so far and two more checkpoints once the filler is gone, so the
+    # continued run genuinely fits (all checkpoints are kept)
+    _mount_tmpfs(mount, _footprint(source) + 3 * one + (1 << 20))
+    try:
+        model_dir = os.path.join(mount, "run")
+        shutil.copytree(source, model_dir)
+        ckpts = os.path.join(model_dir, "checkpoints")
+        step1 = _digests(os.path.join(ckpts, "1"))
+        filler = _fill(mount, leave=64 * 1024 + int(level * one))  # metrics rows fit
+
+        with pytest.raises(checkpoint.DiskFullError) as err:
+            _run(model_dir, 3)
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"checkpoint step 2 to {ckpts} (" in message and " free)" in message, message
+        # the earlier checkpoint is intact and loadable; the partial save is gone, also after
+        # the writes still in flight when the error surfaced have ended
+        assert sorted(os.listdir(ckpts)) == ["1"]
+        assert checkpoint.latest_step(model_dir) == 1
+        tc, mc = _config(3)
+        setup = make_setup(mc, tc, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+        checkpoint.restore_params(model_dir, setup.abstract_state.params)
+        read_metrics(model_dir)  # still parses
+        assert sorted(os.listdir(ckpts)) == ["1"]
+        assert _digests(os.path.join(ckpts, "1")) == step1
+        assert not os.path.exists(checkpoint.broken_dir(model_dir))
+
+        os.remove(filler)  # space again: the same command continues from step 1 and finishes
+        result = _run(model_dir, 3)
+        assert "resuming from the checkpoint of step 1" in result.start and result.step == 3
+        assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
+        assert not os.path.exists(checkpoint.broken_dir(model_dir))  # nothing was left over
+        assert [r["step"] for r in read_metrics(model_dir)
+                if r["split"] == "train"][-1] == 3
+    finally:
+        subprocess.run(["umount", "-l", mount], check=False)
 
 
 def test_disk_full_while_appending_metrics(small_disk):
