@@ -113,9 +113,9 @@ def after_step_one(tmp_path_factory):
 # checkpoint's footprint (plus 64 kB for the metrics rows). Orbax's save needs more than the
 # footprint while it runs (per-process OCDBT files are merged at the end), so each level meets
 # ENOSPC at another moment; seen here: 0.0 the metrics first, the save's error at the final wait;
-# 0.4 the array writes; 0.8 the sharding metadata; 1.2 merging the OCDBT files (finalize);
-# 1.6 the metadata written after the arrays. Step 2 fits from about 2.2.
-FILL_LEVELS = [0.0, 0.4, 0.8, 1.2, 1.6]
+# 0.4 the array writes; 0.8 the sharding metadata; 1.2 merging the OCDBT files (finalize) or the
+# sharding metadata. From about 1.6 step 2 sometimes fits (then step 3 fails), so no level there.
+FILL_LEVELS = [0.0, 0.4, 0.8, 1.2]
 
 
 @pytest.mark.parametrize("level", FILL_LEVELS, ids=lambda x: f"leave{x:.2f}")
