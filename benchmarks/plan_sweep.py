@@ -114,6 +114,7 @@ def sweep(preset: str, generation: str, max_chips: int, out, bindings: list[str]
                 best_params_bytes=best.per_device["params_bytes"],
                 best_peak_bytes=best.per_device["peak_bytes"],
                 hbm_bytes=best.per_device["hbm_bytes"],
+                usable_hbm_bytes=best.per_device.get("usable_hbm_bytes"),
                 collective_bytes=best.collective_bytes,
                 command=_command(preset, name, "all" if recipes == "all" else best.partitioning),
                 recipes_tried=recipes, **stamp)

@@ -257,6 +257,62 @@ def test_plan_skips_the_compile_when_the_state_alone_exceeds_hbm():
     assert plan.per_device["temp_bytes"] is None and plan.collective_bytes == {}
 
 
+def test_verdict_uses_usable_hbm_not_nominal():
+    """A state that fits the nominal HBM but not the usable part of it does not fit."""
+    tc = TrainConfig(batch_size=16, partitioning="fsdp")
+    topo = topologies.parse_topology("cpu:8")
+    devices = topologies.target_devices(topo)
+    mesh_config = MeshConfig(data=1, fsdp=8)
+    state = make_setup(TINY, tc, make_mesh(mesh_config, devices=devices),
+                       compile_only=True).abstract_state
+    from t5lite.plan.train import sharded_bytes
+
+    held = sharded_bytes(state.params) + sharded_bytes(state.opt_state)
+    plan = plan_train(TINY, tc, mesh_config, LENGTHS, topo, devices, hbm_bytes=2 * held,
+                      skip_if_arguments_exceed_hbm=True, usable_hbm_bytes=held,
+                      usable_hbm_source="test")
+    d = plan.per_device
+    assert d["hbm_bytes"] == 2 * held and d["usable_hbm_bytes"] == held
+    assert plan.fits is False and d["peak_bytes"] > held
+    assert plan.headroom_bytes == held - d["peak_bytes"] < 0
+    assert plan.usable_hbm_source == "test"
+
+
+class _FakeDevice:
+    platform, device_kind = "tpu", "TPU fake"
+
+
+def test_usable_hbm_falls_back_to_measured_figures(monkeypatch):
+    from t5lite.plan import hbm
+
+    monkeypatch.setattr(hbm, "_PROBED", {})
+    monkeypatch.setattr(hbm, "probe_message", lambda device: "INTERNAL: something else")
+    usable, source = hbm.usable_hbm_bytes("v4", [_FakeDevice()])
+    assert usable == int(30.75 * 2**30) and "probe failed here: INTERNAL" in source
+    monkeypatch.setattr(hbm, "_PROBED", {})
+    monkeypatch.setattr(hbm, "probe_message", lambda device: (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (512.00G) exceeds available HBM (15.50G)."))
+    usable, source = hbm.usable_hbm_bytes("v5e", [_FakeDevice()])
+    assert usable == int(15.5 * 2**30) and "probe compile" in source
+
+
+@needs_libtpu
+@pytest.mark.parametrize("grid,nominal_gib,usable_gib", [
+    ("v4:2x2x1", 32, 30.75), ("v5e:2x2", 16, 15.75)])
+def test_usable_hbm_probed_from_the_tpu_compiler(grid, nominal_gib, usable_gib):
+    """The compiler's own refusal says how much of a chip one program may use (libtpu 0.0.42,
+    which jax 0.10.2 pins: v4 30.75 of 32 GiB, v5e 15.75 of 16 GiB)."""
+    from t5lite.plan import hbm
+
+    topo = topologies.parse_topology(grid)
+    devices = topologies.target_devices(topo)
+    usable, source = hbm.usable_hbm_bytes(topo.generation, devices)
+    assert "probe compile" in source and topo.hbm_bytes == nominal_gib * 2**30
+    assert 0.9 * topo.hbm_bytes < usable < topo.hbm_bytes
+    assert abs(usable - usable_gib * 2**30) < 0.01 * 2**30
+
+
 # ---------------------------------------------------------------- the command
 def _plan(repo_root, tmp_path, *args, env_extra=None, python_prefix=None):
     gin = tmp_path / "tiny.gin"
@@ -289,6 +345,8 @@ def test_cli_cpu_json_and_decode(repo_root, tmp_path):
         assert key in row["per_device"]
     assert row["num_devices"] == 4 and row["mesh"]["fsdp"] == 4 and row["approximate"]
     assert row["fits"] is True and row["per_device"]["hbm_bytes"] == 2**30
+    assert row["per_device"]["usable_hbm_bytes"] == 2**30
+    assert row["usable_hbm_source"] == "--hbm_gib"
     out = _plan(repo_root, tmp_path, "--topology=cpu:2", "--mode=decode", "--decode_batch=4",
                 "--partitioning=dp_tp")
     assert out.returncode == 0, out.stderr
@@ -344,6 +402,9 @@ def test_cli_real_tpu_topology_v5e_2x2(repo_root, tmp_path):
     assert row["device_kind"] == "TPU v5 lite" and row["num_devices"] == 4
     assert not row["approximate"] and row["fits"] is True
     assert row["per_device"]["hbm_bytes"] == 16 * 2**30
+    usable = row["per_device"]["usable_hbm_bytes"]  # what the compiler says one program gets
+    assert 0.9 * 16 * 2**30 < usable < 16 * 2**30 and "probe" in row["usable_hbm_source"]
+    assert row["headroom_bytes"] == usable - row["per_device"]["peak_bytes"]
     assert row["per_device"]["temp_bytes"] > 0 and row["compiler_flops_per_device"] > 0
     # fsdp: parameters are gathered for use and gradients reduce-scattered
     assert row["collective_bytes"]["all-gather"] > 0

@@ -25,9 +25,11 @@ from t5lite.plan.train import PlanResult, compile_and_measure, hlo_file_name, sh
 def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshConfig,
                 topo: Topology, devices: list, hbm_bytes: int | None, *, batch_size: int,
                 input_length: int, max_decode_len: int, method: str = "greedy",
-                beam_size: int = 4, hlo_dir: str | None = None) -> PlanResult:
+                beam_size: int = 4, hlo_dir: str | None = None,
+                usable_hbm_bytes: int | None = None, usable_hbm_source: str = "") -> PlanResult:
     """Compile the inference step `Generator` runs for `devices` and measure it; `hlo_dir`:
-    also write the compiled HLO there."""
+    also write the compiled HLO there. The verdict compares the peak with `usable_hbm_bytes`
+    (default: `hbm_bytes`, the nominal size)."""
     import os
 
     from t5lite.inference import Generator, _decode_cache
@@ -35,6 +37,7 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
     from t5lite.models.decoding import DecodeConfig
     from t5lite.parallel.rules import axes_to_pure, tree_shardings
 
+    usable = hbm_bytes if usable_hbm_bytes is None else usable_hbm_bytes
     cfg = model_config.replace(dropout_rate=0.0)
     mesh = make_mesh(mesh_config, devices=devices)
     rules = get_rules(partitioning)
@@ -82,11 +85,12 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
         "params_bytes": sharded_bytes(sds), "optimizer_bytes": 0,
         "cache_bytes": -(-cache_bytes // split), "batch_bytes": sharded_bytes([tokens, lengths])}
     memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-        lower, hbm_bytes, per_device["params_bytes"] + per_device["batch_bytes"],
+        lower, usable, per_device["params_bytes"] + per_device["batch_bytes"],
         hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(topo, partitioning, mesh.shape,
                                                                  "decode")))
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
+    per_device["usable_hbm_bytes"] = usable
     from t5lite.train.flops import forward_flops_per_example
 
     if decoder_only:
@@ -99,13 +103,14 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
         approximate=not topo.is_tpu, mode="decode", partitioning=partitioning,
         mesh={k: int(v) for k, v in mesh.shape.items()}, batch_size=batch_size, microbatches=1,
         remat_policy=cfg.remat_policy, per_device=per_device, fits=fits,
-        headroom_bytes=(None if hbm_bytes is None or per_device["peak_bytes"] is None
-                        else hbm_bytes - per_device["peak_bytes"]),
+        headroom_bytes=(None if usable is None or per_device["peak_bytes"] is None
+                        else usable - per_device["peak_bytes"]),
         model_flops_per_step=fwd * batch_size * rows, compiler_flops_per_device=flops,
         collective_bytes=collectives, lower_seconds=round(lower_s, 2),
         compile_seconds=round(compile_s[0], 2), compile_cpu_seconds=round(compile_s[1], 2),
         note=note or (f"decode {method}: {batch_size} inputs x {input_length} tokens -> "
-                      f"{max_decode_len} tokens; model FLOPs = one teacher-forced forward pass"))
+                      f"{max_decode_len} tokens; model FLOPs = one teacher-forced forward pass"),
+        usable_hbm_source=usable_hbm_source if usable is not None else "")
 
 
 def _axes_of(spec) -> tuple[str, ...]:

@@ -50,7 +50,8 @@ def detail(r: PlanResult) -> str:
     rows += [("batch", d.get("batch_bytes")), ("arguments (compiler)", d.get("argument_bytes")),
              ("outputs", d.get("output_bytes")), ("aliased (donated)", d.get("alias_bytes")),
              ("temporaries", d.get("temp_bytes")), ("generated code", d.get("generated_code_bytes")),
-             ("peak", d.get("peak_bytes")), ("HBM", d.get("hbm_bytes"))]
+             ("peak", d.get("peak_bytes")), ("HBM (nominal)", d.get("hbm_bytes")),
+             ("HBM usable (verdict)", d.get("usable_hbm_bytes", d.get("hbm_bytes")))]
     for name, value in rows:
         lines.append(f"    {name:<22} {human(value):>12}")
     if r.fits is None:
@@ -58,7 +59,9 @@ def detail(r: PlanResult) -> str:
     else:
         lines.append(f"  fits: {'yes' if r.fits else 'NO'}"
                      + (f", headroom {human(r.headroom_bytes)}" if r.headroom_bytes is not None
-                        else ""))
+                        else "")
+                     + (f" (against the usable HBM: {r.usable_hbm_source})"
+                        if r.usable_hbm_source else ""))
     lines.append(f"  model FLOPs per step: {r.model_flops_per_step:.3e}"
                  + (f"; compiler FLOPs per device: {r.compiler_flops_per_device:.3e} (XLA's cost "
                     "analysis: loop bodies counted once)" if r.compiler_flops_per_device else ""))
@@ -86,14 +89,15 @@ def table(results: list[PlanResult], skipped: list[tuple[str, str]] = ()) -> str
     """One row per plan, sorted by fit then collective bytes."""
     if not results and not skipped:
         return "(no plans)"
-    head = ["recipe", "mesh", "params", "optimiser", "temp", "peak", "HBM", "fits",
+    head = ["recipe", "mesh", "params", "optimiser", "temp", "peak", "HBM usable", "fits",
             "all-gather", "red-scatter", "all-reduce", "all-to-all", "compile s"]
     rows = [head]
     for r in sort_rows(results):
         d, c = r.per_device, r.collective_bytes
         rows.append([r.partitioning, _mesh_text(r.mesh), human(d.get("params_bytes")),
                      human(d.get("optimizer_bytes")), human(d.get("temp_bytes")),
-                     human(d.get("peak_bytes")), human(d.get("hbm_bytes")), _fits(r),
+                     human(d.get("peak_bytes")),
+                     human(d.get("usable_hbm_bytes", d.get("hbm_bytes"))), _fits(r),
                      human(c.get("all-gather")) if c else "-",
                      human(c.get("reduce-scatter")) if c else "-",
                      human(c.get("all-reduce")) if c else "-",
@@ -110,6 +114,10 @@ def table(results: list[PlanResult], skipped: list[tuple[str, str]] = ()) -> str
     for row in rows:
         out.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
                              for i, (v, w) in enumerate(zip(row, widths))))
+    if first is not None and first.usable_hbm_source:
+        out.append(f"HBM: {human(first.per_device.get('hbm_bytes'))} nominal per chip; "
+                   f"{human(first.per_device.get('usable_hbm_bytes'))} usable "
+                   f"({first.usable_hbm_source}), which the verdicts compare with")
     for name, why in skipped:
         out.append(f"skipped {name}: {why}")
     notes = [f"{r.partitioning}: {r.note}" for r in results if r.note and not r.fits]

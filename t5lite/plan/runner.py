@@ -49,9 +49,22 @@ def _configs(req: PlanRequest) -> list[tuple[str, MeshConfig]]:
 
 
 def _hbm(req: PlanRequest) -> int | None:
+    """The chip's nominal memory (--hbm_gib wins)."""
     if req.hbm_gib is not None:
         return int(req.hbm_gib * _GiB)
     return req.topology.hbm_bytes
+
+
+def _usable(req: PlanRequest, devices: list) -> tuple[int | None, str]:
+    """(bytes one program may use per device, their source): --hbm_gib as given, else what the
+    TPU compiler reports as available (`t5lite.plan.hbm`); None for cpu:N without --hbm_gib."""
+    if req.hbm_gib is not None:
+        return int(req.hbm_gib * _GiB), "--hbm_gib"
+    if not req.topology.is_tpu:
+        return None, ""
+    from t5lite.plan.hbm import usable_hbm_bytes
+
+    return usable_hbm_bytes(req.topology.generation, devices)
 
 
 def _one(req: PlanRequest, devices: list, recipe: str, mesh_config: MeshConfig,
@@ -59,6 +72,7 @@ def _one(req: PlanRequest, devices: list, recipe: str, mesh_config: MeshConfig,
          model_config: ModelConfig | None = None) -> PlanResult:
     tc = dataclasses.replace(train_config or req.train_config, partitioning=recipe)
     mc = model_config or req.model_config
+    usable, source = _usable(req, devices)
     if req.mode == "decode":
         from t5lite.plan.decode import plan_decode
 
@@ -68,10 +82,12 @@ def _one(req: PlanRequest, devices: list, recipe: str, mesh_config: MeshConfig,
         return plan_decode(mc, recipe, mesh_config, req.topology, devices, _hbm(req),
                            batch_size=req.decode_batch, input_length=inputs,
                            max_decode_len=targets, method=req.decode_method,
-                           beam_size=req.decode_beams, hlo_dir=req.hlo_dir)
+                           beam_size=req.decode_beams, hlo_dir=req.hlo_dir,
+                           usable_hbm_bytes=usable, usable_hbm_source=source)
     return plan_train(mc, tc, mesh_config, req.feature_lengths, req.topology, devices, _hbm(req),
                       hlo_dir=req.hlo_dir,
-                      skip_if_arguments_exceed_hbm=req.skip_if_arguments_exceed_hbm)
+                      skip_if_arguments_exceed_hbm=req.skip_if_arguments_exceed_hbm,
+                      usable_hbm_bytes=usable, usable_hbm_source=source)
 
 
 def compile_plans(req: PlanRequest, devices: list | None = None,

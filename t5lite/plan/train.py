@@ -13,6 +13,10 @@ alias / temp / generated-code bytes come from the compiler's `memory_analysis()`
 `argument + output - alias + temp + generated code`. When the TPU compiler itself refuses the
 program for lack of HBM, the peak it reports ("Used X of Y hbm") is taken and the plan does not
 fit.
+
+The verdict (`fits`, headroom) compares the peak with the HBM a program may use on the chip
+(`usable_hbm_bytes`, what the TPU compiler reports as available: v4 30.75 GiB of its nominal
+32 GiB; see `t5lite.plan.hbm`), not with the nominal size (`hbm_bytes`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 from t5lite.config import ModelConfig
 from t5lite.parallel.mesh import MeshConfig, make_mesh
 from t5lite.train.config import TrainConfig
+from t5lite.plan.hbm import parse_hbm_oom
 from t5lite.plan.hlo import collective_bytes
 from t5lite.plan.topologies import Topology
 
@@ -58,6 +63,7 @@ class PlanResult:
     compile_seconds: float  # wall clock of the compile
     compile_cpu_seconds: float = 0.0  # CPU time of this process during the compile (all threads)
     note: str = ""
+    usable_hbm_source: str = ""  # where per_device["usable_hbm_bytes"] (the verdict's) came from
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,37 +78,6 @@ def sharded_bytes(tree: Any) -> int:
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
         total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
     return total
-
-
-_SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
-_HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.I)
-_HBM_TEMP = re.compile(rf"required for HLO temporaries \({_SIZE}\) exceeds available HBM "
-                       rf"\({_SIZE}\)", re.I)
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def _bytes(number: str, unit: str) -> int:
-    return int(float(number) * _UNITS[unit.upper()])
-
-
-def parse_hbm_oom(message: str) -> dict[str, int] | None:
-    """What the TPU compiler's out-of-HBM error says: {"used" or "temp": bytes, "capacity":
-    bytes}, or None for other errors.
-
-    >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 45.20G "
-    ...               "of 31.25G hbm. Exceeded hbm capacity by 13.95G.")
-    {'used': 48533130444, 'capacity': 33554432000}
-    >>> parse_hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
-    ...               "for HLO temporaries (95.04G) exceeds available HBM (30.75G).")
-    {'temp': 102048422952, 'capacity': 33017561088}
-    """
-    m = _HBM_USED.search(message)
-    if m:
-        return {"used": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
-    m = _HBM_TEMP.search(message)
-    if m:
-        return {"temp": _bytes(m.group(1), m.group(2)), "capacity": _bytes(m.group(3), m.group(4))}
-    return None
 
 
 def abstract_batch(feature_lengths: dict[str, int], batch_size: int, batch_sharding) -> dict:
@@ -146,12 +121,13 @@ def save_hlo(text: str, path: str) -> None:
         f.write(text)
 
 
-def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0,
+def compile_and_measure(lower_fn, usable_hbm_bytes: int | None, argument_bytes: int = 0,
                         hlo_path: str | None = None):
     """(memory dict, fits, flops, collectives, lower s, (compile s, compile CPU s), note) of one
-    compile. `argument_bytes` (what the arguments hold per device, from their shardings) completes
-    the peak when the compiler only reports the temporaries that did not fit. `hlo_path`: also
-    write the compiled HLO text there (see `save_hlo`)."""
+    compile; `fits` compares the peak with `usable_hbm_bytes`. `argument_bytes` (what the
+    arguments hold per device, from their shardings) completes the peak when the compiler only
+    reports the temporaries that did not fit. `hlo_path`: also write the compiled HLO text there
+    (see `save_hlo`)."""
     t0 = time.perf_counter()
     lowered = lower_fn()
     t1 = time.perf_counter()
@@ -185,7 +161,7 @@ def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0
     memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
                             - memory["alias_bytes"] + memory["temp_bytes"]
                             + memory["generated_code_bytes"])
-    fits = None if hbm_bytes is None else memory["peak_bytes"] <= hbm_bytes
+    fits = None if usable_hbm_bytes is None else memory["peak_bytes"] <= usable_hbm_bytes
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -200,14 +176,18 @@ def compile_and_measure(lower_fn, hbm_bytes: int | None, argument_bytes: int = 0
 def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config: MeshConfig,
                feature_lengths: dict[str, int], topo: Topology, devices: list,
                hbm_bytes: int | None, hlo_dir: str | None = None,
-               skip_if_arguments_exceed_hbm: bool = False) -> PlanResult:
+               skip_if_arguments_exceed_hbm: bool = False, usable_hbm_bytes: int | None = None,
+               usable_hbm_source: str = "") -> PlanResult:
     """Compile `t5lite train`'s step for `devices` and measure it (see module doc).
     `hlo_dir`: also write the compiled HLO there (`hlo_file_name`).
     `skip_if_arguments_exceed_hbm`: when the state and batch a device must hold (exact, from the
     shardings) already exceed `hbm_bytes`, answer "does not fit" without compiling (their sum is
-    then the peak given, a lower bound; the compiler's fields are None)."""
+    then the peak given, a lower bound; the compiler's fields are None).
+    `hbm_bytes`: the chip's nominal HBM; `usable_hbm_bytes` (default: `hbm_bytes`): what one
+    program may use, which the verdict compares with."""
     from t5lite.train.setup import make_setup
 
+    usable = hbm_bytes if usable_hbm_bytes is None else usable_hbm_bytes
     mesh = make_mesh(mesh_config, devices=devices)
     setup = make_setup(model_config, train_config, mesh, compile_only=True)
     state = setup.abstract_state
@@ -218,7 +198,7 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
         "batch_bytes": sharded_bytes(batch),
     }
     held = sum(per_device.values())
-    if skip_if_arguments_exceed_hbm and hbm_bytes is not None and held > hbm_bytes:
+    if skip_if_arguments_exceed_hbm and usable is not None and held > usable:
         memory = {"argument_bytes": None, "output_bytes": None, "alias_bytes": None,
                   "temp_bytes": None, "generated_code_bytes": None, "peak_bytes": held}
         fits, flops, collectives, lower_s, compile_s = False, None, {}, 0.0, (0.0, 0.0)
@@ -226,11 +206,12 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
                 "already exceed its HBM (peak given = their sum, a lower bound)")
     else:
         memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
-            lambda: setup.train_step.lower(state, batch), hbm_bytes, held,
+            lambda: setup.train_step.lower(state, batch), usable, held,
             hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(
                 topo, train_config.partitioning, mesh.shape, "train")))
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
+    per_device["usable_hbm_bytes"] = usable
     return PlanResult(
         topology=topo.name if topo.num_slices == 1 else f"{topo.name} x{topo.num_slices}",
         num_devices=len(devices), device_kind=devices[0].device_kind,
@@ -238,9 +219,10 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
         partitioning=train_config.partitioning, mesh={k: int(v) for k, v in mesh.shape.items()},
         batch_size=train_config.batch_size, microbatches=train_config.microbatches,
         remat_policy=model_config.remat_policy, per_device=per_device, fits=fits,
-        headroom_bytes=(None if hbm_bytes is None or per_device["peak_bytes"] is None
-                        else hbm_bytes - per_device["peak_bytes"]),
+        headroom_bytes=(None if usable is None or per_device["peak_bytes"] is None
+                        else usable - per_device["peak_bytes"]),
         model_flops_per_step=model_flops(model_config, feature_lengths, train_config.batch_size),
         compiler_flops_per_device=flops, collective_bytes=collectives,
         lower_seconds=round(lower_s, 2), compile_seconds=round(compile_s[0], 2),
-        compile_cpu_seconds=round(compile_s[1], 2), note=note)
+        compile_cpu_seconds=round(compile_s[1], 2), note=note,
+        usable_hbm_source=usable_hbm_source if usable is not None else "")
