@@ -27,7 +27,7 @@ GiB = 2**30
 # in GiB as the compiler prints them (two decimals): used only when the probe fails.
 MEASURED_USABLE_GIB = {"v4": 30.75, "v5p": 95.74, "v5e": 15.75, "v6e": 31.25}
 MEASURED_SOURCE = "libtpu 0.0.42.1's available HBM, read 2026-12-06 (the probe failed here: {})"
-PROBE_SOURCE = "the TPU compiler's available HBM for {} (probe compile)"
+PROBE_SOURCE = "the TPU compiler's available HBM for {}, read by a probe compile"
 
 _SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
 _HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.I)
