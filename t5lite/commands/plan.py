@@ -39,8 +39,9 @@ flags.DEFINE_string("partitioning", None, "sharding recipe (dp, fsdp, tp, dp_tp,
 flags.DEFINE_string("search", None, "batch_size: the largest global batch that fits; remat: the "
                     "cheapest remat policy that fits (bisection over compiles)", **_F)
 flags.DEFINE_string("mode", "train", "train: the train step; decode: the inference step", **_F)
-flags.DEFINE_float("hbm_gib", None, "memory per device in GiB (default: the TPU chip's HBM; "
-                   "required for a fit verdict with cpu:N)", **_F)
+flags.DEFINE_float("hbm_gib", None, "memory per device in GiB that the verdict compares "
+                   "with (default: the HBM the TPU compiler makes available to a program on "
+                   "the chip, e.g. v4 30.75 of 32 GiB; required for a verdict with cpu:N)", **_F)
 flags.DEFINE_integer("decode_batch", 8, "--mode=decode: inputs per batch", **_F)
 flags.DEFINE_integer("decode_input_len", None, "--mode=decode: input tokens (default: the gin "
                      "inputs length)", **_F)
