@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -114,7 +115,8 @@ def after_step_one(tmp_path_factory):
 # footprint while it runs (per-process OCDBT files are merged at the end), so each level meets
 # ENOSPC at another moment; seen here: 0.0 the metrics first, the save's error at the final wait;
 # 0.4 the array writes; 0.8 the sharding metadata; 1.2 merging the OCDBT files (finalize) or the
-# sharding metadata. From about 1.6 step 2 sometimes fits (then step 3 fails), so no level there.
+# sharding metadata. Orbax's peak use varies between runs, so at 0.8 and above step 2 sometimes
+# fits and step 3's save is the one that fails: the test accepts either and checks the same things.
 FILL_LEVELS = [0.0, 0.4, 0.8, 1.2]
 
 
@@ -136,22 +138,29 @@ def test_disk_full_during_a_checkpoint_save(after_step_one, tmp_path, level):
             _run(model_dir, 3)
         message = str(err.value)
         assert "\n" not in message
-        assert f"checkpoint step 2 to {ckpts} (" in message and " free)" in message, message
-        # the earlier checkpoint is intact and loadable; the partial save is gone, also after
+        # the save that meets the full disk is step 2's, or step 3's when step 2 still fitted
+        # (Orbax's peak use during a save varies from run to run)
+        failed = re.search(r"checkpoint step (\d+) to (\S+) \(", message)
+        assert failed and failed.group(2) == ckpts and " free)" in message, message
+        failed_step = int(failed.group(1))
+        assert failed_step in (2, 3), message
+        kept = [str(s) for s in range(1, failed_step)]
+        # the earlier checkpoints are intact and loadable; the partial save is gone, also after
         # the writes still in flight when the error surfaced have ended
-        assert sorted(os.listdir(ckpts)) == ["1"]
-        assert checkpoint.latest_step(model_dir) == 1
+        assert sorted(os.listdir(ckpts)) == kept
+        assert checkpoint.latest_step(model_dir) == failed_step - 1
         tc, mc = _config(3)
         setup = make_setup(mc, tc, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
         checkpoint.restore_params(model_dir, setup.abstract_state.params)
         read_metrics(model_dir)  # still parses
-        assert sorted(os.listdir(ckpts)) == ["1"]
+        assert sorted(os.listdir(ckpts)) == kept
         assert _digests(os.path.join(ckpts, "1")) == step1
         assert not os.path.exists(checkpoint.broken_dir(model_dir))
 
-        os.remove(filler)  # space again: the same command continues from step 1 and finishes
+        os.remove(filler)  # space again: the same command continues and finishes
         result = _run(model_dir, 3)
-        assert "resuming from the checkpoint of step 1" in result.start and result.step == 3
+        assert (f"resuming from the checkpoint of step {failed_step - 1}" in result.start
+                and result.step == 3)
         assert sorted(os.listdir(ckpts)) == ["1", "2", "3"]
         assert not os.path.exists(checkpoint.broken_dir(model_dir))  # nothing was left over
         assert [r["step"] for r in read_metrics(model_dir)
