@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from t5lite.models.features import OutputFeatures
-from t5lite.train.losses import LossConfig
+from t5lite.train.losses import LossConfig, label_smoothing_constants
 
 
 def _chunks(features: OutputFeatures, chunk: int) -> tuple[jax.Array, str, int]:
@@ -105,10 +105,7 @@ def chunked_token_loss_sums(features: OutputFeatures, targets: jax.Array, weight
     nll = log_z - target_logit
     s = config.label_smoothing
     if s > 0:
-        confidence = 1.0 - s
-        low = s / (vocab - 1)
-        normalizer = -(confidence * math.log(confidence)
-                       + (vocab - 1) * low * math.log(low + 1e-20))
+        confidence, low, normalizer = label_smoothing_constants(vocab, s)
         sum_log_probs = logit_sum - vocab * log_z
         ce = (confidence - low) * nll - low * sum_log_probs - normalizer
     else:

@@ -53,6 +53,17 @@ class LossConfig:
                               "non-negative integer (0 = loss from the full logits).")
 
 
+def label_smoothing_constants(vocab: int, smoothing: float) -> tuple[float, float, float]:
+    """(confidence, low, normalizer) of T5's label smoothing over `vocab` classes: the target gets
+    `confidence`, every other class `low`, and `normalizer` is the entropy of that smoothed
+    distribution (subtracted so a perfect model scores 0)."""
+    confidence = 1.0 - smoothing
+    low = smoothing / (vocab - 1)
+    normalizer = -(confidence * math.log(confidence)
+                   + (vocab - 1) * low * math.log(low + 1e-20))
+    return confidence, low, normalizer
+
+
 def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                     config: LossConfig) -> dict[str, jax.Array]:
     """Weighted sums over all tokens of: `loss` (smoothed CE + z-loss, what is optimised),
@@ -70,11 +81,7 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     nll = -target_logp
     s = config.label_smoothing
     if s > 0:
-        confidence = 1.0 - s
-        low = s / (vocab - 1)
-        # entropy of the smoothed target distribution (so a perfect model scores 0)
-        normalizer = -(confidence * math.log(confidence)
-                       + (vocab - 1) * low * math.log(low + 1e-20))
+        confidence, low, normalizer = label_smoothing_constants(vocab, s)
         smoothed = (confidence - low) * nll - low * jnp.sum(log_probs, axis=-1)
         ce = smoothed - normalizer
     else:
