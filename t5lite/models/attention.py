@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
 from t5lite.models.layers import dropout, make_param, normal
+from t5lite.models.matmul import accumulated_einsum
 from t5lite.models.quant import QTensor, dense, kernel
 from t5lite.parallel.rules import constrain
 
@@ -99,7 +100,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
         logits = jnp.where(mask[:, :, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, dropout_key)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = accumulated_einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 

@@ -19,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from t5lite.models.matmul import einsum
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -36,4 +38,4 @@ class OutputFeatures:
     def logits(self) -> jax.Array:
         """The float32 logits [..., V] (materialised: for tests and fallbacks)."""
         eqn = "...d,vd->...v" if self.vocab_major else "...d,dv->...v"
-        return jnp.einsum(eqn, self.hidden, self.kernel, preferred_element_type=jnp.float32)
+        return einsum(eqn, self.hidden, self.kernel, preferred_element_type=jnp.float32)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5lite.models.matmul import einsum
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -149,16 +151,19 @@ def _shared_input_dense_bwd(res, grads):
     dx = None
     d_kernels = []
     for g, w in zip(grads, kernels):
-        g2 = g.reshape(rows, -1)
-        part = g2 @ w.T
+        g2 = g.reshape(rows, -1).astype(w.dtype)
+        # float32 results: bfloat16 dots take XLA:CPU's fast path (t5lite.models.matmul), and
+        # the kernels' input-gradient parts are summed before the one rounding
+        part = einsum("rf,fd->rd", g2, w.T, preferred_element_type=jnp.float32)
         dx = part if dx is None else dx + part
-        d_kernels.append((xt @ g2).astype(w.dtype))
+        d_kernels.append(einsum("dr,rf->df", xt, g2, preferred_element_type=jnp.float32)
+                         .astype(w.dtype))
     return dx.reshape(x.shape).astype(x.dtype), tuple(d_kernels)
 
 
 @jax.custom_vjp
 def _shared_input_dense(x: jax.Array, kernels: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    return tuple(jnp.einsum("...d,df->...f", x, w) for w in kernels)
+    return tuple(einsum("...d,df->...f", x, w) for w in kernels)
 
 
 _shared_input_dense.defvjp(_shared_input_dense_fwd, _shared_input_dense_bwd)

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5lite.errors import ConfigError, UserError
+from t5lite.models.matmul import einsum, expand_ellipsis
 
 QUANT_FILE = "quantization.json"
 FORMAT_VERSION = 1
@@ -125,19 +126,6 @@ def kernel(module: nnx.Module, name: str, dtype: Any) -> jax.Array | QTensor:
                    getattr(module, "quant_activations", "float"), dtype)
 
 
-def _expand_ellipsis(eqn: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
-    ins, out = eqn.replace(" ", "").split("->")
-    lhs, rhs = ins.split(",")
-    used = set(eqn)
-    free = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used)
-    if "..." in lhs or "..." in rhs:
-        n = (lhs_ndim - len(lhs.replace("...", ""))) if "..." in lhs else \
-            (rhs_ndim - len(rhs.replace("...", "")))
-        dots = "".join(next(free) for _ in range(n))
-        lhs, rhs, out = (s.replace("...", dots) for s in (lhs, rhs, out))
-    return lhs, rhs, out
-
-
 def _to_output(scale: jax.Array, letters: str, out: str) -> jax.Array:
     """A keepdims scale over an operand's `letters` broadcastable against the output `out`."""
     keep = [i for i, c in enumerate(letters) if c in out]
@@ -163,8 +151,8 @@ def dense(eqn: str, x: jax.Array, w: jax.Array | QTensor,
     """`jnp.einsum(eqn, x, w)` for a float or quantized weight (see module doc). The result
     has `preferred_element_type` if given, else the weight's compute dtype."""
     if not isinstance(w, QTensor):
-        return jnp.einsum(eqn, x, w, preferred_element_type=preferred_element_type)
-    lhs, rhs, out = _expand_ellipsis(eqn, x.ndim, w.value.ndim)
+        return einsum(eqn, x, w, preferred_element_type=preferred_element_type)
+    lhs, rhs, out = expand_ellipsis(eqn, x.ndim, w.value.ndim)
     result_dtype = preferred_element_type or w.dtype
     w_scale = _to_output(w.scale, rhs, out)
     if w.activations in ("int8", "int8x2"):
@@ -184,8 +172,8 @@ def dense(eqn: str, x: jax.Array, w: jax.Array | QTensor,
             y = (acc[0] + acc[1] / 254.0) * _to_output(x_scale, lhs, out)
         y = y * w_scale
     else:
-        y = jnp.einsum(f"{lhs},{rhs}->{out}", x, w.value.astype(x.dtype),
-                       preferred_element_type=jnp.float32) * w_scale
+        y = einsum(f"{lhs},{rhs}->{out}", x, w.value.astype(x.dtype),
+                   preferred_element_type=jnp.float32) * w_scale
     return y.astype(result_dtype)
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from t5lite.models.features import OutputFeatures
+from t5lite.models.matmul import einsum
 from t5lite.train.losses import LossConfig, label_smoothing_constants
 
 
@@ -73,8 +74,8 @@ def chunked_token_loss_sums(features: OutputFeatures, targets: jax.Array, weight
     def body(carry, xs):
         run_max, run_sum, target_logit, logit_sum, best, best_index = carry
         w_chunk, j = xs
-        logits = jnp.einsum(eqn, h.astype(compute_dtype), w_chunk,
-                            preferred_element_type=jnp.float32)  # [rows, chunk]
+        logits = einsum(eqn, h.astype(compute_dtype), w_chunk,
+                        preferred_element_type=jnp.float32)  # [rows, chunk]
         columns = j * chunk + jnp.arange(chunk)
         valid = columns < vocab
         if padded != vocab:
