@@ -53,6 +53,9 @@ from t5lite.parallel.rules import (DEFAULT_INFERENCE_RECIPE, Rules, axes_to_pure
 log = logging.getLogger(__name__)
 
 _MIN_BUCKET = 16
+# compute dtypes a model can be run in (`Generator.from_model_dir(dtype=...)`, `t5lite infer
+# --dtype`); parameters keep their stored dtype
+COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +182,21 @@ class Generator:
     def from_model_dir(cls, model_dir: str, *, step: int | None = None, batch_size: int = 8,
                        mesh: Mesh | None = None, rules: str | Rules = DEFAULT_INFERENCE_RECIPE,
                        vocabulary_path: str | None = None, quantize: str | None = None,
-                       activations: str | None = None, cross_kv_dtype: str = "float"
-                       ) -> "Generator":
+                       activations: str | None = None, cross_kv_dtype: str = "float",
+                       dtype: str | None = None) -> "Generator":
         """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`.
 
         quantize="int8": quantize the weights after loading (`t5lite.models.quant`; a model
         dir written by `t5lite quantize` is int8 already). activations: "int8x2" | "int8" |
-        "float" (default: int8x2 on CPU, float elsewhere). cross_kv_dtype="bfloat16": keep the cross-attention K/V in
-        bfloat16."""
+        "float" (default: int8x2 on CPU, float elsewhere). cross_kv_dtype="bfloat16": keep
+        the cross-attention K/V in bfloat16. dtype: the compute dtype ("bfloat16" |
+        "float32"; default: the model dir's own `ModelConfig.dtype`); the parameters stay as
+        stored, only the activations and matmuls change dtype."""
         from t5lite.models.quant import QuantConfig, quantize_model
 
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype={dtype!r} must be one of {', '.join(COMPUTE_DTYPES)} "
+                            "(or None: the model's own).")
         if quantize not in (None, "none", "int8"):
             raise UserError(f"quantize={quantize!r} must be 'int8' or None.")
         if activations is not None and quantize in (None, "none"):
@@ -205,6 +213,8 @@ class Generator:
         if not storage.isdir(model_dir):
             raise UserError(f"--model_dir {model_dir!r} does not exist.")
         cfg = read_model_config(model_dir)
+        if dtype is not None:
+            cfg = cfg.replace(dtype=dtype)  # validated again (e.g. cudnn attention needs bf16)
         info = read_run_info(model_dir)
         vocab = load_vocabulary(vocabulary_path or info.vocabulary, extra_ids=info.extra_ids)
         if vocab.vocab_size > cfg.vocab_size:
@@ -365,4 +375,4 @@ class Generator:
         return results
 
 
-__all__ = ["Generation", "Generator", "load_model"]
+__all__ = ["COMPUTE_DTYPES", "Generation", "Generator", "load_model"]

@@ -59,6 +59,20 @@ def test_eval_cli_reports_the_checkpoint(cli_trained, tmp_path):
     assert last["loss"] == pytest.approx(final_train_eval["loss"], rel=1e-5)
 
 
+def test_eval_cli_dtype_bfloat16_computes_in_bfloat16(cli_trained, tmp_path):
+    """`t5lite eval --dtype=bfloat16` on the float32 model dir: a bfloat16 loss (close to, not
+    equal to, the float32 one), recorded with its dtype."""
+    model_dir = copy_model_dir(cli_trained[0], str(tmp_path / "run"))
+    proc = cli("eval", TINY_GIN, f"--model_dir={model_dir}", "--dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "bfloat16 compute" in proc.stdout
+    last = _records(model_dir)[-1]
+    assert last["source"] == "t5lite eval" and last["dtype"] == "bfloat16"
+    float_loss = [r for r in _records(cli_trained[0]) if r["split"] == "eval"][-1]["loss"]
+    assert last["loss"] == pytest.approx(float_loss, rel=0.02)
+    assert last["loss"] != pytest.approx(float_loss, rel=1e-6)
+
+
 def test_export_cli_gives_a_transformers_model_with_the_same_logits(cli_trained, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

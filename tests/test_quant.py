@@ -167,6 +167,14 @@ def test_quantize_verb_writes_an_int8_model_dir(float_dir, tmp_path):
                                       activations=info["activations"]
                                       ).generate(TEXTS, max_decode_len=6)
     assert [g.ids for g in loaded] == [g.ids for g in direct]
+    # bfloat16 compute composes with a quantized dir: the same as quantizing on load in bf16
+    bf_loaded = Generator.from_model_dir(out, batch_size=4, dtype="bfloat16")
+    assert bf_loaded.config.dtype == "bfloat16"
+    assert str(bf_loaded.model.embed.embedding[...].dtype) == "int8"
+    bf_direct = Generator.from_model_dir(float_dir, batch_size=4, quantize="int8",
+                                         activations=info["activations"], dtype="bfloat16")
+    bf_ids = [g.ids for g in bf_loaded.generate(TEXTS, max_decode_len=6)]
+    assert bf_ids == [g.ids for g in bf_direct.generate(TEXTS, max_decode_len=6)]
     # the infer verb reads it, and quantizes float dirs on the fly
     proc = run_cli("infer", f"--model_dir={out}", f"--input={TEXTS[0]}", "--max_decode_len=6",
                    "--cross_kv_dtype=bfloat16")
@@ -212,3 +220,31 @@ def test_bfloat16_cross_kv_and_generator_errors(float_dir):
         Generator.from_model_dir(float_dir, quantize="int4")
     with pytest.raises(UserError, match="activations"):
         Generator.from_model_dir(float_dir, quantize="int8", activations="fp8")
+    with pytest.raises(UserError, match="dtype"):
+        Generator.from_model_dir(float_dir, dtype="float16")
+
+
+# the element types of a dot_general's two operands in lowered StableHLO text
+_DOT = re.compile(r"dot_general.*:\s*\(tensor<(?:\d+x)*(\w+)>, tensor<(?:\d+x)*(\w+)>\)")
+
+
+@pytest.mark.parametrize("opts,operands", [
+    ({}, {"f32"}),
+    ({"dtype": "bfloat16"}, {"bf16"}),
+    ({"dtype": "bfloat16", "quantize": "int8"}, {"bf16", "i8"}),  # int8x2 on CPU: i8 x i8
+    ({"dtype": "bfloat16", "quantize": "int8", "activations": "float"}, {"bf16"}),
+    ({"dtype": "float32", "quantize": "int8", "activations": "float"}, {"f32"}),
+])
+def test_compute_dtype_sets_every_dot_operand(float_dir, opts, operands):
+    """`dtype=` changes what the request's matmuls take (the model dir is float32), with float
+    or int8 weights; the stored parameters keep their dtype."""
+    gen = Generator.from_model_dir(float_dir, batch_size=4, **opts)
+    assert gen.config.dtype == opts.get("dtype", "float32")
+    stored = {str(p.dtype) for p in jax.tree.leaves(nnx.state(gen.model, nnx.Param))}
+    assert stored == ({"float32", "int8"} if "quantize" in opts else {"float32"})
+    text = gen._jitted.lower(gen._state, jnp.ones((4, 16), jnp.int32),
+                             jnp.full((4,), 16, jnp.int32), jax.random.key(0),
+                             config=DecodeConfig(method="greedy", max_decode_len=6)).as_text()
+    dots = [m.groups() for line in text.splitlines() if (m := _DOT.search(line))]
+    assert len(dots) >= 10, text[:2000]
+    assert {t for pair in dots for t in pair} == operands, sorted(set(dots))

@@ -84,6 +84,12 @@ def _format(fv: flags.FlagValues, note: str) -> None:
                       "for programs (one object per line)" + note, flag_values=fv)
 
 
+def _dtype(fv: flags.FlagValues, note: str) -> None:
+    flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "compute dtype of the model "
+                      "(activations and matmuls; the weights stay as stored); default: the model "
+                      "dir's own (model_config.json `dtype`)" + note, flag_values=fv)
+
+
 SHARED_FLAGS: dict[str, Callable[[flags.FlagValues, str], None]] = {
     "gin_file": _gin_file,
     "module_import": _module_import,
@@ -91,6 +97,7 @@ SHARED_FLAGS: dict[str, Callable[[flags.FlagValues, str], None]] = {
     "step": _step,
     "seed": _seed,
     "format": _format,
+    "dtype": _dtype,
 }
 
 

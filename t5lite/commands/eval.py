@@ -1,6 +1,7 @@
 """`t5lite eval`: teacher-forced evaluation of a model dir's checkpoint.
 
     t5lite eval --model_dir=runs/demo [--gin_file=gin/runs/eval.gin] [--gin.EVAL_STEPS=50]
+    t5lite eval --model_dir=runs/demo --dtype=bfloat16   # bf16 compute, weights as stored
 
 The architecture comes from `model_config.json`, the task, vocabulary and feature lengths from
 `run_info.json` (override with `EvalConfig.mixture_or_task_name` / `task_feature_lengths`);
@@ -23,13 +24,14 @@ from t5lite.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = common.new_flags()
-common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir",
+common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir", "dtype",
                         model_dir="the one to evaluate")
 
 
 def format_report(m: dict[str, Any]) -> str:
     lines = [f"eval of step {m['step']} on {m['task']}/{m['eval_split']} "
-             f"({m['eval_batches']} batches, {int(m['target_tokens'])} target tokens):",
+             f"({m['eval_batches']} batches, {int(m['target_tokens'])} target tokens"
+             + (f", {m['dtype']} compute" if "dtype" in m else "") + "):",
              f"  loss      {m['loss']:.4f} nats/token (perplexity {_exp(m['loss']):.1f})",
              f"  accuracy  {m['accuracy']:.4f}"]
     if "unigram_entropy" in m:
@@ -38,9 +40,10 @@ def format_report(m: dict[str, Any]) -> str:
         lines.append(f"  unigram entropy of these targets {ent:.4f} nats/token (the loss of a "
                      f"model that ignores context); the model's loss is {abs(gap):.4f} "
                      f"{'below' if gap >= 0 else 'above'} it")
+    shown = ("loss", "accuracy", "unigram_entropy", "target_tokens", "eval_batches", "task",
+             "eval_split", "source", "step", "dtype")
     for key, value in m.items():
-        if key not in ("loss", "accuracy", "unigram_entropy", "target_tokens", "eval_batches",
-                       "task", "eval_split", "source", "step") and isinstance(value, float):
+        if key not in shown and isinstance(value, float):
             lines.append(f"  {key:<9} {value:.4f}")
     return "\n".join(lines)
 
@@ -77,7 +80,7 @@ def main(gin_bindings: Sequence[str]) -> None:
     mesh_config = gin_setup.build("MeshConfig")
     _prepare_task(FLAGS.model_dir, eval_config)
     metrics = evaluate_model_dir(FLAGS.model_dir, eval_config, mesh_config, FLAGS.module_import,
-                                 predict_eval_fn="auto")
+                                 predict_eval_fn="auto", dtype=FLAGS.dtype)
     print(format_report(metrics))
 
 

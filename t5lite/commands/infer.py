@@ -7,6 +7,9 @@ Example::
         --format=json --output_file=out.jsonl
     t5lite infer --model_dir=runs/demo --input_file=prompts.txt --quantize=int8 \\
         --cross_kv_dtype=bfloat16                       # int8 weights (t5lite.models.quant)
+    t5lite infer --model_dir=runs/demo --input_file=prompts.txt --dtype=bfloat16
+        # bfloat16 compute for a model trained in float32 (weights stay as stored; composes
+        # with --quantize=int8, --cross_kv_dtype and int8 model dirs)
     t5lite infer --model_dir=runs/ft --task_examples=5 --gin_file=gin/models/demo.gin \\
         --gin_file=gin/runs/finetune.gin --gin.INIT_FROM=runs/demo ...  # the training run's
         # gin files and flags, for a model fine-tuned on files (MIXTURE_OR_TASK_NAME=text2text)
@@ -35,7 +38,8 @@ from t5lite.errors import UserError
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "model_dir", "step", "seed", "format", "module_import",
-                        "gin_file", model_dir="written by `t5lite train` or `t5lite import`",
+                        "gin_file", "dtype",
+                        model_dir="written by `t5lite train` or `t5lite import`",
                         seed="for sampling", module_import="for --task_examples")
 # --gin_file (with --gin.NAME=VALUE): for --task_examples of a model fine-tuned on files
 # (task text2text), the training run's gin files and flags, which name the files.
@@ -140,7 +144,7 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
 
 def _generator_options() -> dict:
     return {"quantize": FLAGS.quantize, "activations": FLAGS.activations,
-            "cross_kv_dtype": FLAGS.cross_kv_dtype}
+            "cross_kv_dtype": FLAGS.cross_kv_dtype, "dtype": FLAGS.dtype}
 
 
 def main(gin_bindings: Sequence[str]) -> None:

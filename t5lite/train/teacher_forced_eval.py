@@ -126,14 +126,17 @@ class Evaluator:
 
 def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any,
                        module_imports: Sequence[str] = (),
-                       predict_eval_fn: Any = None) -> dict[str, Any]:
+                       predict_eval_fn: Any = None, dtype: str | None = None
+                       ) -> dict[str, Any]:
     """Evaluate the checkpoint of `model_dir` (what `t5lite eval` runs); returns the metrics,
     also appended to its metrics.jsonl (split "eval").
 
     The architecture comes from model_config.json, the task, feature lengths and feature
     converter from run_info.json (`eval_config` may override the task and lengths).
     `predict_eval_fn(model, step) -> {name: value}` adds decoding metrics; "auto" builds one
-    from the task's metric_fns (`t5lite.inference_eval`; none without them).
+    from the task's metric_fns (`t5lite.inference_eval`; none without them). `dtype`
+    ("bfloat16" | "float32"): the compute dtype (default: the model's own; the parameters stay
+    as stored); recorded as "dtype" in the metrics when given.
 
     Example::
 
@@ -158,6 +161,13 @@ def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any
         raise UserError(f"--model_dir={model_dir} does not exist; train a model first "
                         "(`t5lite train`).")
     model_config = read_model_config(model_dir)
+    if dtype is not None:
+        from t5lite.inference import COMPUTE_DTYPES
+
+        if dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype={dtype!r} must be one of {', '.join(COMPUTE_DTYPES)} (or "
+                            "None: the model's own).")
+        model_config = model_config.replace(dtype=dtype)  # validated again
     run_info = read_run_info(model_dir)
     task = eval_config.mixture_or_task_name or run_info.task
     if not task:
@@ -193,6 +203,8 @@ def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any
     if predict_eval_fn is not None:
         metrics.update(predict_eval_fn(setup.model(params), step))
     metrics.update({"task": task, "eval_split": eval_config.split, "source": "t5lite eval"})
+    if dtype is not None:
+        metrics["dtype"] = dtype
     writer = MetricsWriter(model_dir, enabled=is_primary(), tensorboard=False)
     writer.write(step, "eval", metrics)
     writer.close()
