@@ -100,7 +100,7 @@ def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_
 def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tokens: int,
                    repeats: int, threads: int, with_transformers: bool = True,
                    quantize: str | None = None, cross_kv_dtype: str = "float",
-                   log=print) -> dict:
+                   transformers_dtype: str = "float32", log=print) -> dict:
     """Greedy decoding, t5lite Generator vs transformers generate, same weights, alternating.
 
     with_transformers=False times t5lite alone on random weights (accelerator machines, where
@@ -115,6 +115,8 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         hf_model = build_hf_model(cfg).eval()
         gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len, quantize,
                                        cross_kv_dtype)
+        if transformers_dtype == "bfloat16":  # after t5lite took the float32 weights
+            hf_model = hf_model.to(torch.bfloat16)
     else:
         from flax import nnx
 
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gin_file", action="append", default=None)
     parser.add_argument("--gin", action="append", default=[], help="extra gin binding")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="t5lite compute dtype (transformers runs float32)")
+                        help="t5lite compute dtype (transformers: --transformers_dtype)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--inputs_length", type=int, default=512)
     parser.add_argument("--targets_length", type=int, default=114)
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "transformers stays float32")
     parser.add_argument("--cross_kv_dtype", default="float", choices=["float", "bfloat16"],
                         help="t5lite's cross-attention K/V cache dtype")
+    parser.add_argument("--transformers_dtype", default="float32",
+                        choices=["float32", "bfloat16"],
+                        help="dtype of transformers' model for decoding (its weights are cast "
+                        "after t5lite took the float32 ones)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -251,8 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
                              new_tokens=args.new_tokens, repeats=args.decode_repeats,
                              threads=args.threads,
                              with_transformers=not args.skip_transformers,
-                             quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype)
-        dec.update(quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype)
+                             quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype,
+                             transformers_dtype=args.transformers_dtype)
+        dec.update(quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype,
+                   transformers_dtype=args.transformers_dtype)
         result["decode"] = dec
     if not args.skip_decode and args.skip_transformers:
         print(f"decode t5lite {dec['t5lite_tokens_per_s']:.1f} tokens/s "
