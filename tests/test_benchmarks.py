@@ -182,3 +182,42 @@ def test_step_hlo_bytes_sees_each_option_in_the_compiled_step(tmp_path):
     assert base["logits_bytes"] >= 4 * 8 * 32128 * 4 and chunk["logits_bytes"] == 0
     assert 0 < proj["residual_bytes"] < chunk["residual_bytes"]
     assert json.loads(out.read_text())["rows"][0]["temp_bytes"] == base["temp_bytes"] > 0
+
+
+def test_allocator_ab_environment_and_bad_input(tmp_path):
+    from allocator_ab import allocator_env
+
+    jemalloc = allocator_env("/opt/lib/libjemalloc.so.2", "dirty_decay_ms:-1")
+    assert jemalloc["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2"
+    assert jemalloc["MALLOC_CONF"] == "dirty_decay_ms:-1"
+    tcmalloc = allocator_env("/opt/lib/libtcmalloc.so.4", "dirty_decay_ms:-1")
+    assert "MALLOC_CONF" not in tcmalloc or tcmalloc["MALLOC_CONF"] == os.environ.get(
+        "MALLOC_CONF")
+    assert "LD_PRELOAD" not in allocator_env(None, "")
+    script = os.path.join(ROOT, "benchmarks", "allocator_ab.py")
+    for bad in (["--preload", str(tmp_path / "missing.so")], ["--rounds=0"]):
+        proc = subprocess.run([sys.executable, script, *bad, "--out", str(tmp_path / "o.json")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o.json").exists()
+
+
+def test_allocator_ab_runs_train_step_per_allocator(tmp_path):
+    """The plumbing for real, with the C library itself as the 'preloaded allocator' (present
+    everywhere): two tiny train_step processes, each with its own resource use."""
+    from allocator_ab import main
+
+    libc = next((p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6",
+                             "/lib64/libc.so.6") if os.path.isfile(p)), None)
+    if libc is None:
+        pytest.skip("no libc.so.6 at a known path")
+    out = tmp_path / "ab.json"
+    result = main([f"--preload={libc}", "--rounds=1", f"--out={out}",
+                   f"--step_args=--gin_file={ROOT}/gin/models/t5_1_1/small.gin --batch_size=8 "
+                   "--inputs_length=16 --targets_length=8 --steps=1 --warmup=0 "
+                   "--gin=ModelConfig.num_encoder_layers=1 --gin=ModelConfig.num_decoder_layers=1"])
+    assert json.loads(out.read_text())["speedup"] == pytest.approx(result["speedup"])
+    for name in ("default", "preloaded"):
+        run = result["runs"][name][0]
+        assert run["step_s"] > 0 and run["minor_faults"] > 0 and run["max_rss_mib"] > 10
