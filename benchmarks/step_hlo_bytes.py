@@ -226,6 +226,7 @@ def variant_configs(base_model, base_loss, names: list[str]):
 
 def compile_variant(model_config, loss_config, *, batch_size: int, inputs_length: int,
                     targets_length: int, devices: list, compile_only: bool) -> dict:
+    from t5lite.models.target import compile_target
     from t5lite.parallel.mesh import MeshConfig, make_mesh
     from t5lite.plan.train import abstract_batch
     from t5lite.train.config import TrainConfig
@@ -240,7 +241,9 @@ def compile_variant(model_config, loss_config, *, batch_size: int, inputs_length
                "decoder_segment_ids": targets_length, "decoder_positions": targets_length}
     batch = abstract_batch(lengths, batch_size, setup.batch_sharding)
     t0 = time.perf_counter()
-    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    with compile_target(devices[0].platform):  # the TPU paths when compiling for a TPU slice
+        lowered = setup.train_step.lower(setup.abstract_state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     per_device_batch = batch_size // len(devices)

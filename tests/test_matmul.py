@@ -176,3 +176,27 @@ def test_bfloat16_model_gradients_through_the_fast_path(variant, monkeypatch):
 
     assert abs(fast_loss - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 2e-3
     assert error(fast) <= 2 * error(plain) + 1e-2, (error(fast), error(plain))
+
+
+def test_compile_target_picks_the_traced_backends_paths():
+    """`t5lite plan` traces for TPU devices from a CPU host: inside `compile_target("tpu")` the
+    CPU-only matmul form is off, and `compile_and_measure(platform=...)` traces in it."""
+    from t5lite.models.target import compile_target, target_backend
+    from t5lite.plan.train import compile_and_measure
+
+    a, b = _operands((4, 6, 8), (8, 16), jnp.bfloat16)
+    fn = jax.jit(lambda x, y: einsum("btd,df->btf", x, y))
+    with compile_target("tpu"):
+        assert target_backend() == "tpu" and not uses_fast_accumulation(a, b)
+        tpu_dots = _dot_types(fn.lower(a, b).as_text())
+    assert tpu_dots == [("bf16", "bf16", "bf16")]
+    assert target_backend() == jax.default_backend()
+    seen = []
+
+    def lower():
+        seen.append(target_backend())
+        return jax.jit(lambda x: x + 1).lower(jnp.ones(3))
+
+    compile_and_measure(lower, None, platform="tpu")
+    compile_and_measure(lower, None)
+    assert seen == ["tpu", jax.default_backend()]

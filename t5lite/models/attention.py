@@ -26,6 +26,7 @@ from t5lite.config import ModelConfig
 from t5lite.models.layers import dropout, make_param, normal
 from t5lite.models.matmul import accumulated_einsum
 from t5lite.models.quant import QTensor, dense, kernel
+from t5lite.models.target import target_backend
 from t5lite.parallel.rules import constrain
 
 _NEG = -1e9  # large negative logit for masked positions (finite: fully masked rows stay finite)
@@ -84,7 +85,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
     batch, q_len, num_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     use_probs_dropout = dropout_key is not None and dropout_rate > 0.0
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and target_backend() != "gpu":
         impl = "einsum"
     if impl != "einsum" and not use_probs_dropout:
         return jax.nn.dot_product_attention(

@@ -30,6 +30,7 @@ from t5lite.models.attention import (Attention, decode_attention, fold_mask_into
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
 from t5lite.models.quant import dense, kernel
+from t5lite.models.target import target_backend
 from t5lite.models.positions import RelativePositionBias, apply_rope
 from t5lite.parallel.rules import constrain
 
@@ -65,7 +66,7 @@ class Context:
 def cudnn_backend() -> bool:
     """Whether cuDNN attention runs here (a GPU backend; elsewhere `attention_core` uses the
     einsum core)."""
-    return jax.default_backend() == "gpu"
+    return target_backend() == "gpu"
 
 
 def fold_masks(ctx: Context, dtype) -> Context:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5lite.models.matmul import einsum
+from t5lite.models.target import target_backend
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -175,7 +176,7 @@ def shared_input_dense(x: jax.Array, *kernels: jax.Array) -> tuple[jax.Array, ..
     pass computes the weight gradients from one shared transposed copy of `x` (see
     `_shared_input_dense_bwd`). Other backends use plain einsums (their GEMMs take transposed
     operands for free)."""
-    if jax.default_backend() != "cpu":
+    if target_backend() != "cpu":
         return tuple(jnp.einsum("...d,df->...f", x, w) for w in kernels)
     return _shared_input_dense(x, tuple(kernels))
 

@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from t5lite.models.target import target_backend
+
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -87,7 +89,7 @@ def _as_matmul(lhs: str, rhs: str, out: str) -> tuple[int, bool] | None:
 def uses_fast_accumulation(a: jax.Array, b: jax.Array) -> bool:
     """True where `einsum` takes the float32-result path: on CPU, both operands in the same
     16-bit float dtype."""
-    return (jax.default_backend() == "cpu" and a.dtype == b.dtype
+    return (target_backend() == "cpu" and a.dtype == b.dtype
             and jnp.dtype(a.dtype) in LOW_PRECISION)
 
 

@@ -56,6 +56,7 @@ from flax import nnx
 
 from t5lite.errors import ConfigError, UserError
 from t5lite.models.matmul import einsum, expand_ellipsis
+from t5lite.models.target import target_backend
 
 QUANT_FILE = "quantization.json"
 FORMAT_VERSION = 1
@@ -73,7 +74,7 @@ CROSS_KV_DTYPES = ("float", "bfloat16")
 def default_activations() -> str:
     """int8 x int8 dots on CPU (XLA:CPU has native int8 dots but no convert-into-dot fusion),
     weight-only elsewhere."""
-    return "int8x2" if jax.default_backend() == "cpu" else "float"
+    return "int8x2" if target_backend() == "cpu" else "float"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,7 +87,8 @@ def plan_decode(model_config: ModelConfig, partitioning: str, mesh_config: MeshC
     memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
         lower, usable, per_device["params_bytes"] + per_device["batch_bytes"],
         hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(topo, partitioning, mesh.shape,
-                                                                 "decode")))
+                                                                 "decode")),
+        platform=mesh.devices.flat[0].platform)
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     per_device["usable_hbm_bytes"] = usable

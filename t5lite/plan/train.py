@@ -21,6 +21,8 @@ The verdict (`fits`, headroom) compares the peak with the HBM a program may use 
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 import os
@@ -122,14 +124,18 @@ def save_hlo(text: str, path: str) -> None:
 
 
 def compile_and_measure(lower_fn, usable_hbm_bytes: int | None, argument_bytes: int = 0,
-                        hlo_path: str | None = None):
+                        hlo_path: str | None = None, platform: str | None = None):
     """(memory dict, fits, flops, collectives, lower s, (compile s, compile CPU s), note) of one
     compile; `fits` compares the peak with `usable_hbm_bytes`. `argument_bytes` (what the
     arguments hold per device, from their shardings) completes the peak when the compiler only
     reports the temporaries that did not fit. `hlo_path`: also write the compiled HLO text there
-    (see `save_hlo`)."""
+    (see `save_hlo`). `platform`: the devices' platform ("tpu"), so that the model is traced
+    with that backend's code paths rather than the host's (`t5lite.models.target`)."""
+    from t5lite.models.target import compile_target
+
     t0 = time.perf_counter()
-    lowered = lower_fn()
+    with compile_target(platform) if platform else contextlib.nullcontext():
+        lowered = lower_fn()
     t1 = time.perf_counter()
     c1 = time.process_time()
     note = ""
@@ -208,7 +214,8 @@ def plan_train(model_config: ModelConfig, train_config: TrainConfig, mesh_config
         memory, fits, flops, collectives, lower_s, compile_s, note = compile_and_measure(
             lambda: setup.train_step.lower(state, batch), usable, held,
             hlo_path=hlo_dir and os.path.join(hlo_dir, hlo_file_name(
-                topo, train_config.partitioning, mesh.shape, "train")))
+                topo, train_config.partitioning, mesh.shape, "train")),
+            platform=mesh.devices.flat[0].platform)
     per_device.update(memory)
     per_device["hbm_bytes"] = hbm_bytes
     per_device["usable_hbm_bytes"] = usable
