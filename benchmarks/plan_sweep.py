@@ -30,26 +30,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
+
+from cpu_info import cpu_model
 
 RUN_GIN = "gin/runs/pretrain.gin"
 CHIPS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # --partitioning=first_fit tries the recipes in this order (least communication first for
 # models that fit replicated) and stops at the first that fits on a slice
 ORDER = ("dp", "fsdp", "fsdp_tp", "dp_tp", "tp")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _command(preset: str, topology: str, recipe: str) -> str:
@@ -87,7 +77,7 @@ def sweep(preset: str, generation: str, max_chips: int, out, bindings: list[str]
             if recipes == "first_fit" and results[-1].fits:
                 break
         seconds = time.perf_counter() - t0
-        stamp = dict(preset=preset, date=datetime.date.today().isoformat(), cpu=_cpu(),
+        stamp = dict(preset=preset, date=datetime.date.today().isoformat(), cpu=cpu_model(),
                      load_avg_1m=round(os.getloadavg()[0], 2))
         for r in report.sort_rows(results):
             row = dict(r.as_json(), **stamp, command=_command(preset, name, r.partitioning))

@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import jax  # noqa: E402
+from cpu_info import cpu_model  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from t5lite.config import ModelConfig  # noqa: E402
@@ -246,18 +247,6 @@ def peak_flops(measure_cpu: bool = True, sizes=(512, 1024, 2048),
     measured = cpu_matmul_peak(sizes)
     return {**measured, "source": f"measured jnp.dot peak ({measured['dtype']}, "
                                   f"{measured['best_size']}^2) in this run"}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (figures differ a lot between CPU kinds)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict:
