@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from t5lite.models.features import OutputFeatures
 from t5lite.models.matmul import einsum
-from t5lite.train.losses import LossConfig, label_smoothing_constants
+from t5lite.train.losses import LossConfig, weighted_token_sums
 
 
 def _chunks(features: OutputFeatures, chunk: int) -> tuple[jax.Array, str, int]:
@@ -103,23 +103,10 @@ def chunked_token_loss_sums(features: OutputFeatures, targets: jax.Array, weight
     (run_max, run_sum, target_logit, logit_sum, _, best_index), _ = jax.lax.scan(
         jax.checkpoint(body), init, (kernel_chunks, steps))
     log_z = run_max + jnp.log(run_sum)
-    nll = log_z - target_logit
-    s = config.label_smoothing
-    if s > 0:
-        confidence, low, normalizer = label_smoothing_constants(vocab, s)
-        sum_log_probs = logit_sum - vocab * log_z
-        ce = (confidence - low) * nll - low * sum_log_probs - normalizer
-    else:
-        ce = nll
-    z = config.z_loss * jnp.square(log_z)
     correct = (best_index == t).astype(jnp.float32)
-    return {
-        "loss": jnp.sum((ce + z) * w),
-        "nll": jnp.sum(nll * w),
-        "z_loss": jnp.sum(z * w),
-        "correct": jnp.sum(correct * w),
-        "weight": jnp.sum(w),
-    }
+    sum_log_probs = logit_sum - vocab * log_z if smoothing else None
+    return weighted_token_sums(log_z - target_logit, log_z, correct, w, config, vocab,
+                               sum_log_probs)
 
 
 def loss_sums(output, targets: jax.Array, weights: jax.Array,

@@ -78,16 +78,27 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     log_probs = logits - log_z[..., None]
     target_logp = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32),
                                       axis=-1)[..., 0]
-    nll = -target_logp
-    s = config.label_smoothing
-    if s > 0:
-        confidence, low, normalizer = label_smoothing_constants(vocab, s)
-        smoothed = (confidence - low) * nll - low * jnp.sum(log_probs, axis=-1)
-        ce = smoothed - normalizer
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    sum_log_probs = jnp.sum(log_probs, axis=-1) if config.label_smoothing > 0 else None
+    return weighted_token_sums(-target_logp, log_z, correct, weights, config, vocab,
+                               sum_log_probs)
+
+
+def weighted_token_sums(nll: jax.Array, log_z: jax.Array, correct: jax.Array,
+                        weights: jax.Array, config: LossConfig, vocab: int,
+                        sum_log_probs: jax.Array | None = None) -> dict[str, jax.Array]:
+    """`token_loss_sums`' result from per-token terms (float32, [...]): nll, log_z (the
+    log-partition), correct (0/1) and, with label smoothing, the sum of the token's log-probs
+    over the vocabulary. Shared by the full and the chunked (`t5lite.train.chunked_loss`)
+    cross-entropy."""
+    if config.label_smoothing > 0:
+        if sum_log_probs is None:
+            raise ValueError("label smoothing needs sum_log_probs")
+        confidence, low, normalizer = label_smoothing_constants(vocab, config.label_smoothing)
+        ce = (confidence - low) * nll - low * sum_log_probs - normalizer
     else:
         ce = nll
     z = config.z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
         "loss": jnp.sum((ce + z) * weights),
         "nll": jnp.sum(nll * weights),
