@@ -58,6 +58,17 @@ _MIN_BUCKET = 16
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
+def with_compute_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+    """`cfg` computing in `dtype` ("bfloat16" | "float32"; None: unchanged). Parameters keep
+    their dtype; the new config is validated again (e.g. cuDNN attention needs bfloat16)."""
+    if dtype is None:
+        return cfg
+    if dtype not in COMPUTE_DTYPES:
+        raise UserError(f"dtype={dtype!r} must be one of {', '.join(COMPUTE_DTYPES)} (or None: "
+                        "the model's own).")
+    return cfg.replace(dtype=dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """What `generate` returns for one input text.
@@ -194,9 +205,6 @@ class Generator:
         stored, only the activations and matmuls change dtype."""
         from t5lite.models.quant import QuantConfig, quantize_model
 
-        if dtype is not None and dtype not in COMPUTE_DTYPES:
-            raise UserError(f"dtype={dtype!r} must be one of {', '.join(COMPUTE_DTYPES)} "
-                            "(or None: the model's own).")
         if quantize not in (None, "none", "int8"):
             raise UserError(f"quantize={quantize!r} must be 'int8' or None.")
         if activations is not None and quantize in (None, "none"):
@@ -212,9 +220,7 @@ class Generator:
 
         if not storage.isdir(model_dir):
             raise UserError(f"--model_dir {model_dir!r} does not exist.")
-        cfg = read_model_config(model_dir)
-        if dtype is not None:
-            cfg = cfg.replace(dtype=dtype)  # validated again (e.g. cudnn attention needs bf16)
+        cfg = with_compute_dtype(read_model_config(model_dir), dtype)
         info = read_run_info(model_dir)
         vocab = load_vocabulary(vocabulary_path or info.vocabulary, extra_ids=info.extra_ids)
         if vocab.vocab_size > cfg.vocab_size:
@@ -375,4 +381,4 @@ class Generator:
         return results
 
 
-__all__ = ["COMPUTE_DTYPES", "Generation", "Generator", "load_model"]
+__all__ = ["COMPUTE_DTYPES", "Generation", "Generator", "load_model", "with_compute_dtype"]

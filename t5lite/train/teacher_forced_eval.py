@@ -160,14 +160,9 @@ def evaluate_model_dir(model_dir: str, eval_config: EvalConfig, mesh_config: Any
     if not storage.isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} does not exist; train a model first "
                         "(`t5lite train`).")
-    model_config = read_model_config(model_dir)
-    if dtype is not None:
-        from t5lite.inference import COMPUTE_DTYPES
+    from t5lite.inference import with_compute_dtype
 
-        if dtype not in COMPUTE_DTYPES:
-            raise UserError(f"dtype={dtype!r} must be one of {', '.join(COMPUTE_DTYPES)} (or "
-                            "None: the model's own).")
-        model_config = model_config.replace(dtype=dtype)  # validated again
+    model_config = with_compute_dtype(read_model_config(model_dir), dtype)
     run_info = read_run_info(model_dir)
     task = eval_config.mixture_or_task_name or run_info.task
     if not task:
