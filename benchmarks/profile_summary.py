@@ -115,13 +115,27 @@ def summarize_plane(plane, steps: int, top: int) -> list[str]:
 
 
 def summarize(path: str, steps: int = 2, top: int = 40) -> str:
-    space = load_space(find_xplane(path))
-    devices = [p for p in space.planes if p.name.startswith("/device:")]
-    planes = devices or [p for p in space.planes if p.name.startswith("/host:CPU")]
-    lines = [f"trace {find_xplane(path)}"]
+    xplane = find_xplane(path)
+    planes = planes_to_summarize(load_space(xplane))
+    lines = [f"trace {xplane}"]
     for plane in planes:
         lines += summarize_plane(plane, steps, top)
+    if not planes:
+        lines.append("(no plane in this trace recorded any event)")
     return "\n".join(lines)
+
+
+def planes_to_summarize(space) -> list:
+    """Device planes that recorded events, else the host CPU plane.
+
+    Empty device planes do not count: once libtpu is loaded in a process (e.g. by the planner's
+    TPU topology), every trace carries an event-less `/device:CUSTOM:Megascale Trace` plane, and
+    on a CPU-only run the work is on `/host:CPU`.
+    """
+    def busy(plane) -> bool:
+        return any(line.events for line in plane.lines)
+    devices = [p for p in space.planes if p.name.startswith("/device:") and busy(p)]
+    return devices or [p for p in space.planes if p.name.startswith("/host:CPU") and busy(p)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,6 +111,38 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
         summarize(str(tmp_path / "empty"))
 
 
+def test_profile_summary_skips_empty_device_planes(tmp_path):
+    """With libtpu loaded, a CPU trace also holds an empty `/device:CUSTOM:Megascale Trace` plane;
+    the summary must still read the host plane (the empty plane once hid it)."""
+    xplane_pb2 = pytest.importorskip("tensorflow.tsl.profiler.protobuf.xplane_pb2")
+    from profile_summary import planes_to_summarize, summarize
+
+    space = xplane_pb2.XSpace()
+    space.planes.add(name="/host:metadata")
+    space.planes.add(name="/device:CUSTOM:Megascale Trace")
+    host = space.planes.add(name="/host:CPU")
+    host.event_metadata[1].name = "dot_fusion"
+    line = host.lines.add(name="tf_XLAEigen/123")
+    line.events.add(metadata_id=1, duration_ps=3_000_000_000)
+    path = tmp_path / "vm.xplane.pb"
+    path.write_bytes(space.SerializeToString())
+    assert [p.name for p in planes_to_summarize(space)] == ["/host:CPU"]
+    text = summarize(str(path), steps=1, top=5)
+    assert "== /host:CPU: busy time per line kind" in text
+    assert "3.000  100.0%      1.0  dot_fusion" in text
+    # a device plane with events wins over the host plane
+    device = space.planes.add(name="/device:GPU:0")
+    device.event_metadata[1].name = "gemm"
+    device.lines.add(name="Stream #13").events.add(metadata_id=1, duration_ps=10)
+    assert [p.name for p in planes_to_summarize(space)] == ["/device:GPU:0"]
+    # nothing recorded anywhere: said, not silently blank
+    empty = xplane_pb2.XSpace()
+    empty.planes.add(name="/device:CUSTOM:Megascale Trace")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "vm.xplane.pb").write_bytes(empty.SerializeToString())
+    assert "no plane in this trace recorded any event" in summarize(str(tmp_path / "e"))
+
+
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     """DRY_RUN=1 runs the whole script (smoke test, train, decode) on CPU with tiny models."""
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none"),
