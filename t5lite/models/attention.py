@@ -9,6 +9,9 @@ is float32 [B|1, heads, T, S]. Both are built once per stack and shared by all l
 
 Two implementations of the core (`attention_impl` in ModelConfig):
   "einsum": grouped einsums + float32 softmax, written so that XLA fuses mask, bias and softmax;
+    on CPU (one device, no probability dropout) the same function runs block by block
+    (`t5lite.models.blocked_attention`: each (row, kv head) block's logits stay in cache, and
+    the backward pass recomputes them instead of keeping the probabilities);
   "xla" / "cudnn" / "auto": `jax.nn.dot_product_attention` with that implementation (None for auto).
 Attention-probability dropout needs the probabilities, so training with dropout always uses the
 einsum core. "cudnn" on a backend without cuDNN (a CPU or TPU, e.g. evaluating or decoding a
@@ -23,13 +26,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
+from t5lite.models.blocked_attention import NEG_LOGIT, blocked_attention_core
 from t5lite.models.layers import dropout, make_param, normal
 from t5lite.models.matmul import accumulated_einsum
 from t5lite.models.quant import QTensor, dense, kernel
 from t5lite.models.target import target_backend
-from t5lite.parallel.rules import constrain
+from t5lite.parallel.rules import constrain, tracing_on_one_device
 
-_NEG = -1e9  # large negative logit for masked positions (finite: fully masked rows stay finite)
+# CPU: below this many logits per (row, head) the einsum core's arrays are small enough to stay
+# in cache anyway, and a loop of tiny blocks would only add per-iteration overhead
+_BLOCKED_MIN_LOGITS = 64 * 64
 
 
 def _sum_leading(x: jax.Array) -> jax.Array:
@@ -91,6 +97,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=1.0,
             implementation=None if impl == "auto" else impl)
+    if (not use_probs_dropout and target_backend() == "cpu" and tracing_on_one_device()
+            and q_len * k.shape[1] >= _BLOCKED_MIN_LOGITS):
+        return blocked_attention_core(q, k, v, bias=bias, mask=mask)
     groups = num_heads // kv_heads
     qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -98,7 +107,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
         heads = (kv_heads, groups) if bias.shape[1] > 1 else (1, 1)
         logits = add_bias(logits, bias.reshape(bias.shape[0], *heads, *bias.shape[2:]))
     if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, _NEG)
+        logits = jnp.where(mask[:, :, None], logits, NEG_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, dropout_key)
     out = accumulated_einsum("bkgts,bskh->btkgh", probs, v)
@@ -202,7 +211,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
     if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, _NEG)
+        logits = jnp.where(mask[:, :, None], logits, NEG_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     # Output [b, k, g, t, h], then the (small) transpose: asking the dot for "btkgh" directly
     # made XLA:CPU run it about 10x slower once t > 1 (beams sharing cross K/V).

@@ -235,6 +235,16 @@ def axis_rules(mesh: Mesh, rules: str | Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def tracing_on_one_device() -> bool:
+    """True unless the code is traced for a multi-device mesh (t5lite's `axis_rules` or
+    `jax.set_mesh`): code that loops over the batch rows (a `lax.map`) is only worth it when
+    the rows are not sharded."""
+    active = _ACTIVE.get()
+    if active is not None and active[0].size > 1:
+        return False
+    return jax.sharding.get_abstract_mesh().size <= 1
+
+
 @contextlib.contextmanager
 def partitioned(mesh: Mesh | None, rules: str | Rules) -> Iterator[None]:
     """The context for tracing / compiling / running sharded code: `jax.set_mesh(mesh)` plus

@@ -1,0 +1,131 @@
+"""Attention on CPU, one (batch row, kv head) block at a time, so each block's logits stay in
+cache.
+
+The einsum core (`t5lite.models.attention.attention_core`) materialises float32 logits and
+probabilities [B, heads, T, S] (T5 v1.1-small, batch 8 x 512: 50 MB per layer, 100 MB with
+the probabilities) and streams them through memory several times (bias, mask, softmax, the two
+dots). On CPU that traffic, not the FLOPs, sets the time. `blocked_attention_core` runs the
+same function as a loop over (row b, kv head k): the block's logits [groups * T, S] (512 x 512
+float32: 1 MB) are computed, biased, masked, softmaxed and multiplied by V while they are in
+the core's L2 cache, with 2D dots only (so bfloat16 blocks take XLA:CPU's float32-result fast
+path, `t5lite.models.matmul`).
+
+Its backward pass is written out (flash-attention style): nothing [T, S]-sized is kept from the
+forward pass; each block's probabilities are recomputed from q, k, bias and mask, then
+
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K,  dK = dS^T Q,
+
+with dS zero where the mask forbids, and the bias gradient is dS summed over the axes the bias
+broadcasts along. So training keeps no probabilities between the passes (less memory than the
+einsum core) and the backward dots are 2D float32-result dots too.
+
+Example (the result equals the einsum core's; T5 has no 1/sqrt(head_dim) scaling)::
+
+    q = k = v = jnp.ones((2, 4, 6, 8))          # [B, T, heads, head_dim]
+    out = blocked_attention_core(q, k, v, bias=None, mask=None)   # [2, 4, 6, 8]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG_LOGIT = -1e9  # masked logit of both attention cores (finite: fully masked rows stay finite)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2D dot contracting a's axis contract[0] with b's axis contract[1], float32 result."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _probabilities(q, k, bias, mask, groups: int):
+    """float32 probabilities [G*T, S] of one block (q [G*T, H], k [S, H], bias [G|1, T, S] or
+    None, mask bool [T, S] or None) and the mask broadcast to [G*T, S] (or None)."""
+    rows, seq = q.shape[0], k.shape[0]
+    logits = _dot(q, k, (1, 1))
+    if bias is not None:
+        logits = (logits.reshape(groups, rows // groups, seq) + bias).reshape(rows, seq)
+    full_mask = None
+    if mask is not None:
+        full_mask = jnp.broadcast_to(mask, (groups, rows // groups, seq)).reshape(rows, seq)
+        logits = jnp.where(full_mask, logits, NEG_LOGIT)
+    return jax.nn.softmax(logits, axis=-1), full_mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block(groups: int, q, k, v, bias, mask):
+    """softmax(q k^T + bias, masked) v for one block; q [G*T, H] (the G query heads that share
+    kv head k, stacked), k/v [S, H]; bias float32 [G|1, T, S] or None; mask bool [T, S] or None.
+    Returns [G*T, H] in q's dtype."""
+    probs, _ = _probabilities(q, k, bias, mask, groups)
+    return _dot(probs.astype(v.dtype), v, (1, 0)).astype(q.dtype)
+
+
+def _block_fwd(groups, q, k, v, bias, mask):
+    return _block(groups, q, k, v, bias, mask), (q, k, v, bias, mask)
+
+
+def _block_bwd(groups, residuals, d_out):
+    q, k, v, bias, mask = residuals
+    probs, full_mask = _probabilities(q, k, bias, mask, groups)
+    d_out = d_out.astype(v.dtype)
+    d_v = _dot(probs.astype(v.dtype), d_out, (0, 0))
+    d_probs = _dot(d_out, v, (1, 1))
+    d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    if full_mask is not None:
+        d_logits = jnp.where(full_mask, d_logits, 0.0)
+    d_logits_low = d_logits.astype(q.dtype)
+    d_q = _dot(d_logits_low, k, (1, 0))
+    d_k = _dot(d_logits_low, q, (0, 0))
+    d_bias = None
+    if bias is not None:
+        rows, seq = d_logits.shape
+        d_bias = d_logits.reshape(groups, rows // groups, seq)
+        broadcast = tuple(i for i in range(3) if bias.shape[i] == 1 and d_bias.shape[i] > 1)
+        d_bias = jnp.sum(d_bias, axis=broadcast, keepdims=True).astype(bias.dtype)
+    d_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias, d_mask)
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+def blocked_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                           mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T + bias, masked) v for q [B, T, N, H], k/v [B, S, K, H] (N % K == 0), bias
+    float32 [B|1, N|1, T, S], mask bool [B|1, 1, T, S] (True = may attend); [B, T, N, H] in q's
+    dtype. Same function as the einsum core, computed per (row, kv head) block (module doc)."""
+    batch, q_len, num_heads, head_dim = q.shape
+    seq, kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // kv_heads
+    # [B, K, G*T, H]: a block's G query heads stacked along the rows
+    qb = (q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+          .reshape(batch, kv_heads, groups * q_len, head_dim))
+    kb = k.transpose(0, 2, 1, 3)
+    vb = v.transpose(0, 2, 1, 3)
+    if bias is not None:  # [B|1, K|1, G|1, T, S]
+        bias = (bias.reshape(bias.shape[0], kv_heads, groups, q_len, seq) if bias.shape[1] > 1
+                else bias[:, :, None])
+    row_bias = bias is not None and bias.shape[0] > 1
+    row_mask = mask is not None and mask.shape[0] > 1
+
+    def one_row(xs):
+        q_row, k_row, v_row, bias_row, mask_row = xs
+        if bias is not None and not row_bias:
+            bias_row = bias[0]
+        if mask is not None:
+            mask_row = (mask_row if row_mask else mask[0])[0]
+        if bias_row is not None and bias_row.shape[0] > 1:  # per-head bias: loop over it too
+            return jax.lax.map(lambda h: _block(groups, h[0], h[1], h[2], h[3], mask_row),
+                               (q_row, k_row, v_row, bias_row))
+        shared = None if bias_row is None else bias_row[0]
+        return jax.lax.map(lambda h: _block(groups, h[0], h[1], h[2], shared, mask_row),
+                           (q_row, k_row, v_row))
+
+    out = jax.lax.map(one_row, (qb, kb, vb, bias if row_bias else None,
+                                mask if row_mask else None))
+    return (out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
+            .reshape(batch, q_len, num_heads, head_dim))
