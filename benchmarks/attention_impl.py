@@ -1,27 +1,51 @@
-"""Attention core on CPU: einsum path vs jax.nn.dot_product_attention (implementation='xla').
+"""Attention cores on CPU: blocked vs whole-tensor einsums vs jax.nn.dot_product_attention.
 
-T5-small shapes (6 heads of 64, batch 8): encoder self-attention 512x512 with padding mask and
-relative bias, decoder self-attention 114x114 causal, cross-attention 114x512. Times forward +
-backward of the three attentions in float32 and bfloat16 (median of repeated runs).
+T5 v1.1-small shapes (6 heads of 64, batch 8): encoder self-attention 512x512 with padding mask
+and relative bias, decoder self-attention 114x114 causal with relative bias, cross-attention
+114x512 with the padding mask. Times the three attentions, forward alone and forward + backward
+(gradients of q, k and the relative biases), in float32 and bfloat16; median of `--repeats`.
 
-    .venv/bin/python benchmarks/attention_impl.py
+Cores: "blocked" (`t5lite.models.blocked_attention`, what `attention_impl="einsum"` runs on one
+CPU device), "einsum" (`einsum_attention_core`, the whole-tensor form it runs elsewhere) and
+"xla" (`jax.nn.dot_product_attention(implementation="xla")`).
+
+    .venv/bin/python benchmarks/attention_impl.py [--repeats=5] [--out=FILE.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from t5lite.models.attention import attention_core
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cpu_info import cpu_model  # noqa: E402
+
+from t5lite.models.attention import attention_core, einsum_attention_core  # noqa: E402
+from t5lite.models.blocked_attention import blocked_attention_core  # noqa: E402
+
+CORES = {
+    "blocked": blocked_attention_core,
+    "einsum": einsum_attention_core,
+    "xla": lambda q, k, v, *, bias, mask: attention_core(q, k, v, bias=bias, mask=mask,
+                                                         impl="xla"),
+}
 
 
-def bench(impl: str, dtype, repeats: int = 5) -> float:
-    key = jax.random.key(0)
+def bench(core_name: str, dtype, repeats: int = 5) -> dict:
+    """Median seconds of the forward pass and of forward + backward for one core."""
+    core = CORES[core_name]
     b, n, h, s, t = 8, 6, 64, 512, 114
-    ks = jax.random.split(key, 6)
+    ks = jax.random.split(jax.random.key(0), 6)
     qe = jax.random.normal(ks[0], (b, s, n, h), dtype)
     ke = jax.random.normal(ks[1], (b, s, n, h), dtype)
     qd = jax.random.normal(ks[2], (b, t, n, h), dtype)
@@ -32,25 +56,56 @@ def bench(impl: str, dtype, repeats: int = 5) -> float:
     enc_mask = valid[:, None, None, :]
     causal = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
 
-    def loss(qe, ke, qd, kd):
-        e = attention_core(qe, ke, ke, bias=bias_e, mask=enc_mask, impl=impl)
-        d = attention_core(qd, kd, kd, bias=bias_d, mask=causal, impl=impl)
-        c = attention_core(qd, e, e, bias=None, mask=enc_mask, impl=impl)
+    def loss(qe, ke, qd, kd, bias_e, bias_d):
+        e = core(qe, ke, ke, bias=bias_e, mask=enc_mask)
+        d = core(qd, kd, kd, bias=bias_d, mask=causal)
+        c = core(qd, e, e, bias=None, mask=enc_mask)
         return (jnp.sum(e.astype(jnp.float32)) + jnp.sum(d.astype(jnp.float32))
                 + jnp.sum(c.astype(jnp.float32)))
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-    jax.block_until_ready(step(qe, ke, qd, kd))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(qe, ke, qd, kd))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    args = (qe, ke, qd, kd, bias_e, bias_d)
+    result = {}
+    for name, fn in (("forward_s", jax.jit(loss)),
+                     ("forward_backward_s", jax.jit(jax.value_and_grad(loss, argnums=range(6))))):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cores", default="blocked,einsum,xla")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    cores = args.cores.split(",")
+    if unknown := sorted(set(cores) - set(CORES)):
+        raise SystemExit(f"error: unknown core(s) {', '.join(unknown)}; use some of "
+                         f"{', '.join(CORES)}")
+    machine = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__,
+               "load_average_1min": round(os.getloadavg()[0], 2),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(f"{machine['cpu_model']}, {machine['cpus']} CPUs, jax {jax.__version__}, load average "
+          f"{machine['load_average_1min']}")
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for core in cores:
+            r = {"dtype": jnp.dtype(dtype).name, "core": core, **bench(core, dtype, args.repeats)}
+            rows.append(r)
+            print(f"{r['dtype']:9s} {core:8s} forward {r['forward_s'] * 1e3:7.1f} ms   "
+                  f"forward+backward {r['forward_backward_s'] * 1e3:7.1f} ms", flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"benchmark": "attention_impl", "machine": machine, "results": rows,
+                       "command": "python benchmarks/attention_impl.py " + " ".join(
+                           sys.argv[1:] if argv is None else argv)}, f, indent=2)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    print(f"jax {jax.__version__}, devices {jax.devices()}")
-    for dtype in (jnp.float32, jnp.bfloat16):
-        for impl in ("einsum", "xla"):
-            print(f"{jnp.dtype(dtype).name:9s} {impl:7s} fwd+bwd {bench(impl, dtype) * 1e3:8.1f} ms")
+    main()

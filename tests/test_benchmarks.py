@@ -253,3 +253,11 @@ def test_allocator_ab_runs_train_step_per_allocator(tmp_path):
     for name in ("default", "preloaded"):
         run = result["runs"][name][0]
         assert run["step_s"] > 0 and run["minor_faults"] > 0 and run["max_rss_mib"] > 10
+
+
+def test_attention_benchmark_names_unknown_cores():
+    from attention_impl import main
+
+    with pytest.raises(SystemExit, match="unknown core\\(s\\) flash; use some of blocked, "
+                                         "einsum, xla"):
+        main(["--cores=blocked,flash"])

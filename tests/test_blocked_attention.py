@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5lite.models.attention import attention_core
+from t5lite.models.attention import attention_core, einsum_attention_core
 from t5lite.models.blocked_attention import blocked_attention_core
 from t5lite.models.masks import key_padding_mask, segment_mask
 
@@ -55,11 +55,11 @@ def test_values_and_gradients_match_the_einsum_core(heads, kv_heads, bias_rows, 
     def loss(core, q, k, v, bias):
         return jnp.sum(core(q, k, v, bias=bias, mask=mask) * weights)
 
-    want = attention_core(q, k, v, bias=bias, mask=mask)
+    want = einsum_attention_core(q, k, v, bias=bias, mask=mask)
     got = jax.jit(lambda *a: blocked_attention_core(*a, bias=bias, mask=mask))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     argnums = (1, 2, 3, 4) if bias is not None else (1, 2, 3)
-    grads_want = jax.grad(loss, argnums)(attention_core, q, k, v, bias)
+    grads_want = jax.grad(loss, argnums)(einsum_attention_core, q, k, v, bias)
     grads_got = jax.jit(jax.grad(loss, argnums), static_argnums=0)(blocked_attention_core,
                                                                     q, k, v, bias)
     for name, g, w in zip("qkvb", grads_got, grads_want):
@@ -72,7 +72,7 @@ def test_bfloat16_stays_bfloat16_and_close():
     bias = _bias(rng, 1, 4)
     mask = _masks()["segments"]
     got = blocked_attention_core(q, k, v, bias=bias, mask=mask)
-    want = attention_core(q, k, v, bias=bias, mask=mask)
+    want = einsum_attention_core(q, k, v, bias=bias, mask=mask)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32),
                                rtol=2e-2, atol=2e-2)
@@ -96,7 +96,7 @@ def test_backward_keeps_no_probabilities():
         _, residuals = jax.vjp(lambda q, k, v: core(q, k, v, bias=bias, mask=mask), q, k, v)
         return max(x.size for x in jax.tree.leaves(residuals) if hasattr(x, "size"))
 
-    assert largest_residual(attention_core) >= probabilities
+    assert largest_residual(einsum_attention_core) >= probabilities
     assert largest_residual(blocked_attention_core) <= max(q.size, bias.size) < probabilities
 
 
@@ -131,3 +131,39 @@ def test_the_model_core_takes_blocks_on_one_cpu_device_only():
     one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     with jax.set_mesh(one):
         assert _uses_blocks(core, long_q, long_kv)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_packed_model_loss_and_gradients_match_with_blocks(monkeypatch, remat_policy):
+    """A whole packed encoder-decoder (scanned layers, relative bias, segment masks) gives the
+    same logits and parameter gradients whichever core runs its attention."""
+    from flax import nnx
+
+    from t5lite.config import ModelConfig
+    from t5lite.models import attention, build_model
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32,
+                      num_encoder_layers=2, num_decoder_layers=2, dtype="float32",
+                      remat_policy=remat_policy)
+    model = build_model(cfg, rngs=nnx.Rngs(params=0))
+    rng = np.random.default_rng(4)
+    enc = jnp.asarray(rng.integers(2, 64, size=(2, 64)), jnp.int32)
+    dec = jnp.asarray(rng.integers(2, 64, size=(2, 64)), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1] * 40 + [2] * 20 + [0] * 4], 2, axis=0), jnp.int32)
+
+    def loss(model):
+        logits, _ = model(enc, dec, encoder_segment_ids=segments, decoder_segment_ids=segments)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+    def run():  # a fresh jit each time: the choice of core is made while tracing
+        return jax.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)
+
+    assert attention.takes_blocks(64, 64)
+    (_, blocked_logits), blocked_grads = run()
+    monkeypatch.setattr(attention, "_BLOCKED_MIN_LOGITS", 1 << 40)
+    assert not attention.takes_blocks(64, 64)
+    (_, einsum_logits), einsum_grads = run()
+    np.testing.assert_allclose(blocked_logits, einsum_logits, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(nnx.state(blocked_grads)),
+                         jax.tree.leaves(nnx.state(einsum_grads))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -86,10 +86,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
                    dropout_key: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T + bias, masked) v for q [B,T,N,H], k/v [B,S,K,H] (N % K == 0).
 
-    Returns [B, T, N, H] in q's dtype.
+    Returns [B, T, N, H] in q's dtype. `impl` as in the module doc; "einsum" is computed by
+    `blocked_attention_core` where `takes_blocks` says so, else by `einsum_attention_core`.
     """
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
     use_probs_dropout = dropout_key is not None and dropout_rate > 0.0
     if impl == "cudnn" and target_backend() != "gpu":
         impl = "einsum"
@@ -97,9 +96,26 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array 
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=1.0,
             implementation=None if impl == "auto" else impl)
-    if (not use_probs_dropout and target_backend() == "cpu" and tracing_on_one_device()
-            and q_len * k.shape[1] >= _BLOCKED_MIN_LOGITS):
+    if not use_probs_dropout and takes_blocks(q.shape[1], k.shape[1]):
         return blocked_attention_core(q, k, v, bias=bias, mask=mask)
+    return einsum_attention_core(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
+                                 dropout_key=dropout_key)
+
+
+def takes_blocks(q_len: int, k_len: int) -> bool:
+    """Whether the einsum core runs block by block: on CPU, traced for one device, with at
+    least `_BLOCKED_MIN_LOGITS` logits per (row, head)."""
+    return (target_backend() == "cpu" and q_len * k_len >= _BLOCKED_MIN_LOGITS
+            and tracing_on_one_device())
+
+
+def einsum_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                          mask: jax.Array | None, dropout_rate: float = 0.0,
+                          dropout_key: jax.Array | None = None) -> jax.Array:
+    """The "einsum" core as whole-tensor einsums: float32 logits and probabilities
+    [B, kv heads, groups, T, S], which XLA fuses with the bias, mask and softmax."""
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     groups = num_heads // kv_heads
     qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
