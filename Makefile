@@ -42,16 +42,19 @@ finetune-demo: $(STAMP)
 		--gin.VOCABULARY=tasks/t5lite_tasks/demo/data/demo_8k.model --model_dir=$(FINETUNE_DIR)/scratch
 	$(PY) tasks/t5lite_tasks/demo/title_task.py compare $(FINETUNE_DIR)/pretrained $(FINETUNE_DIR)/scratch
 
-## make bench: the CPU benchmarks of the README "Performance" table (~25 minutes on 2 cores):
+## make bench: the CPU benchmarks of the README "Performance" table (~30 minutes on 2 cores):
 ## t5lite train step (T5 v1.1-small, batch 8, 512/114, float32 and bfloat16, MFU vs the measured
 ## matmul peak), t5lite vs transformers (AdamW steps and greedy decoding, same run), t5lite vs a
-## plain JAX T5 (same run), input pipeline throughput. JSON results go to benchmarks/results/.
+## plain JAX T5 (same run), input pipeline throughput, the attention cores (blocked vs whole-tensor
+## einsum vs xla, and the whole model with and without blocks). JSON results go to
+## benchmarks/results/.
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=float32
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=bfloat16
 	$(PY) benchmarks/vs_transformers.py
 	$(PY) benchmarks/plain_jax_t5.py --rounds=3
 	$(PY) benchmarks/data_throughput.py --cases=demo_span_corruption:512:114
+	$(PY) benchmarks/attention_impl.py --model_rounds=3 --out=benchmarks/results/attention_impl.json
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -10,6 +10,12 @@ CPU device), "einsum" (`einsum_attention_core`, the whole-tensor form it runs el
 "xla" (`jax.nn.dot_product_attention(implementation="xla")`).
 
     .venv/bin/python benchmarks/attention_impl.py [--repeats=5] [--out=FILE.json]
+    .venv/bin/python benchmarks/attention_impl.py --model_rounds=3   # + whole-model A/B
+
+`--model_rounds=N` also times T5 v1.1-small's Adafactor train step (batch 8, 512/114) and its
+encoder pass (batch 8 x 512) with the blocked core on and off (the einsum core everywhere),
+alternating N times in one process, in both dtypes, and reports the train step's compiled
+temporary memory for each.
 """
 
 from __future__ import annotations
@@ -77,10 +83,52 @@ def bench(core_name: str, dtype, repeats: int = 5) -> dict:
     return result
 
 
+def model_ab(dtype: str, rounds: int) -> dict:
+    """Median train-step and encoder-pass seconds of T5 v1.1-small, blocked core on vs off, and
+    the train step's compiled temporary memory (XLA's `memory_analysis`)."""
+    import numpy as np
+    from flax import nnx
+    from train_step import TrainStepBench, model_config_from_gin
+
+    from t5lite.models import attention, build_model
+
+    cfg = model_config_from_gin(["gin/models/t5_1_1/small.gin"]).replace(dtype=dtype)
+    model = build_model(cfg, rngs=nnx.Rngs(params=0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, 32000, size=(8, 512)), jnp.int32)
+    saved = attention._BLOCKED_MIN_LOGITS
+    runs, memory = {}, {}
+    try:  # the choice of core is made while tracing: trace each variant with its setting
+        for name, threshold in (("blocked", saved), ("einsum", 1 << 62)):
+            attention._BLOCKED_MIN_LOGITS = threshold
+            bench = TrainStepBench(cfg, batch_size=8, inputs_length=512, targets_length=114)
+            bench.compile()
+            bench.time_steps(1)
+            encode = jax.jit(lambda st, t: nnx.merge(graphdef, st).encode(t))
+            jax.block_until_ready(encode(state, tokens))
+            runs[name] = (bench, encode)
+            memory[name] = bench.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    finally:
+        attention._BLOCKED_MIN_LOGITS = saved
+    times: dict = {name: {"train_step_s": [], "encoder_s": []} for name in runs}
+    for _ in range(rounds):
+        for name, (bench, encode) in runs.items():
+            times[name]["train_step_s"] += bench.time_steps(1)
+            start = time.perf_counter()
+            jax.block_until_ready(encode(state, tokens))
+            times[name]["encoder_s"].append(time.perf_counter() - start)
+    return {name: {"train_step_temp_mib": memory[name],
+                   **{k: statistics.median(v) for k, v in t.items()},
+                   **{k.replace("_s", "_times_s"): v for k, v in t.items()}}
+            for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cores", default="blocked,einsum,xla")
+    parser.add_argument("--model_rounds", type=int, default=0,
+                        help="also A/B the whole model's train step and encoder (N rounds)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     cores = args.cores.split(",")
@@ -99,9 +147,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(r)
             print(f"{r['dtype']:9s} {core:8s} forward {r['forward_s'] * 1e3:7.1f} ms   "
                   f"forward+backward {r['forward_backward_s'] * 1e3:7.1f} ms", flush=True)
+    models = {}
+    for dtype in ("float32", "bfloat16") if args.model_rounds else ():
+        models[dtype] = r = model_ab(dtype, args.model_rounds)
+        for what in ("train_step_s", "encoder_s"):
+            print(f"{dtype:9s} T5 v1.1-small {what[:-2].replace('_', ' '):10s} blocked "
+                  f"{r['blocked'][what]:6.3f} s, einsum {r['einsum'][what]:6.3f} s: "
+                  f"{r['einsum'][what] / r['blocked'][what]:.2f}x", flush=True)
+        print(f"{dtype:9s} T5 v1.1-small train step compiled temporaries: blocked "
+              f"{r['blocked']['train_step_temp_mib']:.0f} MiB, einsum "
+              f"{r['einsum']['train_step_temp_mib']:.0f} MiB")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"benchmark": "attention_impl", "machine": machine, "results": rows,
+                       "model_ab": models,
                        "command": "python benchmarks/attention_impl.py " + " ".join(
                            sys.argv[1:] if argv is None else argv)}, f, indent=2)
         print(f"wrote {args.out}")
