@@ -30,8 +30,8 @@ from t5lite.models.attention import (Attention, decode_attention, fold_mask_into
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
 from t5lite.models.quant import dense, kernel
-from t5lite.models.target import target_backend
 from t5lite.models.positions import RelativePositionBias, apply_rope
+from t5lite.models.target import target_backend
 from t5lite.parallel.rules import constrain
 
 Stats = dict[str, jax.Array]

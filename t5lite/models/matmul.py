@@ -4,8 +4,9 @@ XLA:CPU (jaxlib 0.10) sends a bfloat16 x bfloat16 dot to its AMX / AVX512-BF16 k
 when the dot's *result* is float32. Asking for a bfloat16 result takes a generic path about 7x
 slower, slower even than float32 (jitted `jnp.dot` of [4096, 512] x [512, 1024] on a 2-vCPU
 Intel Xeon with AMX, 2026-12-06: float32 ~300 GFLOP/s, bfloat16 -> bfloat16 ~270, bfloat16 ->
-float32 ~1,900; README "Performance"). So on CPU `einsum` asks for a float32 result and rounds it once to the
-operands' dtype, which is the same function: both accumulate in float32 and round at the end.
+float32 ~1,900; README "Performance"). So on CPU `einsum` asks for a float32 result and rounds
+it once to the operands' dtype, which is the same function: both accumulate in float32 and round
+at the end.
 
 `einsum` does this for the einsums that are one 2D matmul after reshapes (every weight matmul
 of the model: projections, MLP, output layer), with its own backward pass: autodiff of a

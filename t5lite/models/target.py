@@ -2,10 +2,12 @@
 
 Some model code differs by backend: on CPU the bfloat16 weight matmuls take the float32-result
 form (`t5lite.models.matmul`), the gated MLP's backward shares one transposed input
-(`t5lite.models.layers.shared_input_dense`), and int8 activations default to int8x2
-(`t5lite.models.quant`); cuDNN attention needs a GPU. That choice follows `jax.default_backend()`,
-the process's backend, except while `t5lite plan` lowers a program for TPU devices from a CPU
-host: there `compile_target("tpu")` makes the trace take the TPU paths, as a real TPU run would.
+(`t5lite.models.layers.shared_input_dense`), int8 activations default to int8x2
+(`t5lite.models.quant`) and attention runs block by block
+(`t5lite.models.attention.takes_blocks`); cuDNN attention needs a GPU. That choice follows
+`jax.default_backend()`, the process's backend, except while `t5lite plan` lowers a program for
+TPU devices from a CPU host: there `compile_target("tpu")` makes the trace take the TPU paths,
+as a real TPU run would.
 
 Example::
 

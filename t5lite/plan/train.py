@@ -22,7 +22,6 @@ The verdict (`fits`, headroom) compares the peak with the HBM a program may use 
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import math
 import os
