@@ -94,10 +94,11 @@ def _config(steps: int):
 
 
 def _run(model_dir: str, steps: int):
-    """Train to `steps` on one device: with several, the size of a checkpoint varies too much
-    from step to step (Orbax's merged OCDBT files sometimes hold a second copy of the data:
-    1.1, 1.4 and 1.7 MB for steps 1-3 on 8 CPU devices, 1.8 MB for step 1 in one CI run) for a
-    fill level measured on step 1 to predict where step 2's or 3's save meets the full disk."""
+    """Train to `steps` on one device. On several, the OCDBT files of a checkpoint this small
+    vary from step to step (more data files, sometimes a merged copy of one: 1.1, 1.4 and 1.7 MB
+    for steps 1-3 on 8 CPU devices, 1.8 MB for step 1 in one CI run, against a steady ~0.45 MB
+    on one device), too much for a fill level measured on step 1 to say which save meets the
+    full disk. (With 16 MB of parameters the 1- and 8-device checkpoints are the same size.)"""
     tc, mc = _config(steps)
     return train(mc, tc, make_mesh(MeshConfig(data=1), jax.devices()[:1]),
                  SyntheticData(tc.batch_size, eval_batches=0), model_dir, console=False)
