@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t5lite.models.attention import attention_core, einsum_attention_core
-from t5lite.models.blocked_attention import blocked_attention_core
+from t5lite.models.blocked_attention import blocked_attention_core, rows_per_step
 from t5lite.models.masks import key_padding_mask, segment_mask
 
 B, T, S, D = 2, 5, 7, 4
@@ -64,6 +64,35 @@ def test_values_and_gradients_match_the_einsum_core(heads, kv_heads, bias_rows, 
                                                                     q, k, v, bias)
     for name, g, w in zip("qkvb", grads_got, grads_want):
         assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_rows_per_step():
+    assert [rows_per_step(b, jnp.float32) for b in (1, 2, 3, 4, 6, 8, 9)] == [1, 2, 3, 4, 3, 4, 3]
+    assert [rows_per_step(b, jnp.bfloat16) for b in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 6, 8])
+def test_any_number_of_rows_per_step_gives_the_einsum_core(batch):
+    """Rows grouped 1, 3 or 4 per loop step (float32), with a bias and a mask per row, give the
+    einsum core's values and gradients."""
+    rng = np.random.default_rng(batch)
+    q = jnp.asarray(rng.standard_normal((batch, T, 4, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, S, 2, D)), jnp.float32) for _ in range(2))
+    bias = jnp.asarray(rng.standard_normal((batch, 4, T, S)), jnp.float32)
+    mask = key_padding_mask(jnp.arange(S)[None, :] < rng.integers(1, S + 1, (batch, 1)))
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(core, q, k, v, bias):
+        return jnp.sum(core(q, k, v, bias=bias, mask=mask) * weights)
+
+    want = einsum_attention_core(q, k, v, bias=bias, mask=mask)
+    got = jax.jit(lambda *a: blocked_attention_core(*a, bias=bias, mask=mask))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grads_want = jax.grad(loss, (1, 2, 3, 4))(einsum_attention_core, q, k, v, bias)
+    grads_got = jax.jit(jax.grad(loss, (1, 2, 3, 4)), static_argnums=0)(
+        blocked_attention_core, q, k, v, bias)
+    for name, g, w in zip("qkvb", grads_got, grads_want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 

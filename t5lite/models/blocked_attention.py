@@ -93,39 +93,69 @@ def _block_bwd(groups, residuals, d_out):
 _block.defvjp(_block_fwd, _block_bwd)
 
 
+def rows_per_step(batch: int, dtype) -> int:
+    """How many batch rows one loop step takes, as independent block chains: up to 4 in float32
+    and 2 in bfloat16, the largest count that divides `batch`. (Measured on T5 v1.1-small,
+    batch 8, on a 2-core Intel Xeon VM against 1 row per step: the encoder pass was ~10 %
+    faster with 2 or 4; the train step was 4 % faster with 4 in float32, but 6 % slower with
+    4 in bfloat16, 2 % faster with 2.)"""
+    most = 4 if jnp.dtype(dtype) == jnp.float32 else 2
+    return next(n for n in (4, 3, 2, 1) if n <= most and batch % n == 0)
+
+
 def blocked_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
                            mask: jax.Array | None) -> jax.Array:
     """softmax(q k^T + bias, masked) v for q [B, T, N, H], k/v [B, S, K, H] (N % K == 0), bias
     float32 [B|1, N|1, T, S], mask bool [B|1, 1, T, S] (True = may attend); [B, T, N, H] in q's
-    dtype. Same function as the einsum core, computed per (row, kv head) block (module doc)."""
+    dtype. Same function as the einsum core, computed per (row, kv head) block (module doc).
+
+    The outer loop runs over kv heads, the inner one over groups of `rows_per_step` rows. One
+    inner step holds that many blocks as separate chains of small ops, so XLA:CPU's thunk
+    executor can run them on different threads; with one chain per step one core does almost
+    all the work (T5 v1.1-small's encoder self-attention, batch 8 x 512, one layer: 25 -> 18 ms
+    in bfloat16 and 38 -> 29 ms in float32 with 4 rows per step on a 2-core VM)."""
     batch, q_len, num_heads, head_dim = q.shape
     seq, kv_heads = k.shape[1], k.shape[2]
     groups = num_heads // kv_heads
-    # [B, K, G*T, H]: a block's G query heads stacked along the rows
-    qb = (q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-          .reshape(batch, kv_heads, groups * q_len, head_dim))
-    kb = k.transpose(0, 2, 1, 3)
-    vb = v.transpose(0, 2, 1, 3)
+    per_step = rows_per_step(batch, q.dtype)
+    steps = batch // per_step
+
+    def by_head(x):  # [B, K, ...] -> [K, steps, per_step, ...]
+        x = jnp.moveaxis(x, 1, 0)
+        return x.reshape(x.shape[0], steps, per_step, *x.shape[2:])
+
+    # [K, steps, per_step, G*T, H]: a block's G query heads stacked along the rows
+    qb = by_head(q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+                 .reshape(batch, kv_heads, groups * q_len, head_dim))
+    kb = by_head(k.transpose(0, 2, 1, 3))
+    vb = by_head(v.transpose(0, 2, 1, 3))
     if bias is not None:  # [B|1, K|1, G|1, T, S]
         bias = (bias.reshape(bias.shape[0], kv_heads, groups, q_len, seq) if bias.shape[1] > 1
                 else bias[:, :, None])
+    head_bias = bias is not None and bias.shape[1] > 1
     row_bias = bias is not None and bias.shape[0] > 1
     row_mask = mask is not None and mask.shape[0] > 1
+    if row_mask:  # [steps, per_step, T, S]
+        mask_rows = mask[:, 0].reshape(steps, per_step, *mask.shape[2:])
 
-    def one_row(xs):
-        q_row, k_row, v_row, bias_row, mask_row = xs
-        if bias is not None and not row_bias:
-            bias_row = bias[0]
-        if mask is not None:
-            mask_row = (mask_row if row_mask else mask[0])[0]
-        if bias_row is not None and bias_row.shape[0] > 1:  # per-head bias: loop over it too
-            return jax.lax.map(lambda h: _block(groups, h[0], h[1], h[2], h[3], mask_row),
-                               (q_row, k_row, v_row, bias_row))
-        shared = None if bias_row is None else bias_row[0]
-        return jax.lax.map(lambda h: _block(groups, h[0], h[1], h[2], shared, mask_row),
-                           (q_row, k_row, v_row))
+    def one_head(xs):
+        q_h, k_h, v_h, bias_h = xs  # bias_h [B|1, G|1, T, S] or None
+        if bias is not None and not head_bias:
+            bias_h = bias[:, 0]
+        bias_rows = (bias_h.reshape(steps, per_step, *bias_h.shape[1:]) if row_bias else None)
 
-    out = jax.lax.map(one_row, (qb, kb, vb, bias if row_bias else None,
-                                mask if row_mask else None))
-    return (out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-            .reshape(batch, q_len, num_heads, head_dim))
+        def one_step(ys):
+            q_s, k_s, v_s, bias_s, mask_s = ys
+            outs = []
+            for j in range(per_step):  # independent chains: the executor may run them at once
+                bias_j = None if bias is None else (bias_s[j] if row_bias else bias_h[0])
+                mask_j = None if mask is None else (mask_s[j] if row_mask else mask[0, 0])
+                outs.append(_block(groups, q_s[j], k_s[j], v_s[j], bias_j, mask_j))
+            return jnp.stack(outs)
+
+        return jax.lax.map(one_step, (q_h, k_h, v_h, bias_rows, mask_rows if row_mask else None))
+
+    out = jax.lax.map(one_head, (qb, kb, vb, jnp.moveaxis(bias, 1, 0) if head_bias else None))
+    # [K, steps, per_step, G*T, H] -> [B, T, N, H]
+    out = out.reshape(kv_heads, batch, groups, q_len, head_dim)
+    return out.transpose(1, 3, 0, 2, 4).reshape(batch, q_len, num_heads, head_dim)
