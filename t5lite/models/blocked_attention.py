@@ -41,8 +41,8 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def _probabilities(q, k, bias, mask, groups: int):
-    """float32 probabilities [G*T, S] of one block (q [G*T, H], k [S, H], bias [G|1, T, S] or
+def _logits(q, k, bias, mask, groups: int):
+    """float32 masked logits [G*T, S] of one block (q [G*T, H], k [S, H], bias [G|1, T, S] or
     None, mask bool [T, S] or None) and the mask broadcast to [G*T, S] (or None)."""
     rows, seq = q.shape[0], k.shape[0]
     logits = _dot(q, k, (1, 1))
@@ -52,6 +52,12 @@ def _probabilities(q, k, bias, mask, groups: int):
     if mask is not None:
         full_mask = jnp.broadcast_to(mask, (groups, rows // groups, seq)).reshape(rows, seq)
         logits = jnp.where(full_mask, logits, NEG_LOGIT)
+    return logits, full_mask
+
+
+def _probabilities(q, k, bias, mask, groups: int):
+    """float32 probabilities [G*T, S] of one block and its broadcast mask (see `_logits`)."""
+    logits, full_mask = _logits(q, k, bias, mask, groups)
     return jax.nn.softmax(logits, axis=-1), full_mask
 
 
@@ -59,9 +65,13 @@ def _probabilities(q, k, bias, mask, groups: int):
 def _block(groups: int, q, k, v, bias, mask):
     """softmax(q k^T + bias, masked) v for one block; q [G*T, H] (the G query heads that share
     kv head k, stacked), k/v [S, H]; bias float32 [G|1, T, S] or None; mask bool [T, S] or None.
-    Returns [G*T, H] in q's dtype."""
-    probs, _ = _probabilities(q, k, bias, mask, groups)
-    return _dot(probs.astype(v.dtype), v, (1, 0)).astype(q.dtype)
+    Returns [G*T, H] in q's dtype. The forward pass multiplies V by the unnormalised
+    exp(logits - max) and divides the [G*T, H] result by the row sums, which saves one pass
+    over the [G*T, S] block (the backward pass uses the normalised probabilities)."""
+    logits, _ = _logits(q, k, bias, mask, groups)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = _dot(weights.astype(v.dtype), v, (1, 0))
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)
 
 
 def _block_fwd(groups, q, k, v, bias, mask):
