@@ -7,7 +7,10 @@ and relative bias, decoder self-attention 114x114 causal with relative bias, cro
 
 Cores: "blocked" (`t5lite.models.blocked_attention`, what `attention_impl="einsum"` runs on one
 CPU device), "einsum" (`einsum_attention_core`, the whole-tensor form it runs elsewhere) and
-"xla" (`jax.nn.dot_product_attention(implementation="xla")`).
+"xla" (`jax.nn.dot_product_attention(implementation="xla")`); "torch_sdpa" is the reference
+PyTorch reaches on the same CPU (`torch.nn.functional.scaled_dot_product_attention` with the
+bias and mask as one additive mask, its fused CPU kernel where it applies), when torch is
+installed.
 
     .venv/bin/python benchmarks/attention_impl.py [--repeats=5] [--out=FILE.json]
     .venv/bin/python benchmarks/attention_impl.py --model_rounds=3   # + whole-model A/B
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -49,6 +53,8 @@ CORES = {
 
 def bench(core_name: str, dtype, repeats: int = 5) -> dict:
     """Median seconds of the forward pass and of forward + backward for one core."""
+    if core_name == "torch_sdpa":
+        return bench_torch(dtype, repeats)
     core = CORES[core_name]
     b, n, h, s, t = 8, 6, 64, 512, 114
     ks = jax.random.split(jax.random.key(0), 6)
@@ -78,6 +84,54 @@ def bench(core_name: str, dtype, repeats: int = 5) -> dict:
         for _ in range(repeats):
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return result
+
+
+def bench_torch(dtype, repeats: int = 5) -> dict:
+    """`bench`'s three attentions through PyTorch's scaled_dot_product_attention."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+    tdtype = torch.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else torch.float32
+    b, n, h, s, t = 8, 6, 64, 512, 114
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dt=tdtype):
+        return torch.randn(*shape, generator=gen).to(dt).requires_grad_()
+
+    qe, ke, qd, kd = randn(b, n, s, h), randn(b, n, s, h), randn(b, n, t, h), randn(b, n, t, h)
+    bias_e, bias_d = randn(1, n, s, s, dt=torch.float32), randn(1, n, t, t, dt=torch.float32)
+    lengths = torch.tensor([512, 400, 300, 512, 256, 480, 512, 100])
+    pad = torch.where(torch.arange(s)[None, :] < lengths[:, None], 0.0, -1e9)[:, None, None, :]
+    causal = torch.from_numpy(np.where(np.tril(np.ones((t, t), bool)), 0.0, -1e9)
+                              .astype(np.float32))[None, None]
+
+    def loss():
+        e = F.scaled_dot_product_attention(qe, ke, ke, attn_mask=(bias_e + pad).to(tdtype),
+                                           scale=1.0)
+        d = F.scaled_dot_product_attention(qd, kd, kd, attn_mask=(bias_d + causal).to(tdtype),
+                                           scale=1.0)
+        c = F.scaled_dot_product_attention(qd, e, e, attn_mask=pad.to(tdtype), scale=1.0)
+        return e.float().sum() + d.float().sum() + c.float().sum()
+
+    def forward():
+        with torch.no_grad():
+            loss()
+
+    def forward_backward():
+        torch.autograd.grad(loss(), (qe, ke, qd, kd, bias_e, bias_d))
+
+    result = {}
+    for name, fn in (("forward_s", forward), ("forward_backward_s", forward_backward)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
             times.append(time.perf_counter() - start)
         result[name] = statistics.median(times)
     return result
@@ -126,15 +180,18 @@ def model_ab(dtype: str, rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cores", default="blocked,einsum,xla")
+    parser.add_argument("--cores", default="blocked,einsum,xla,torch_sdpa",
+                        help="torch_sdpa is skipped when torch is not installed")
     parser.add_argument("--model_rounds", type=int, default=0,
                         help="also A/B the whole model's train step and encoder (N rounds)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     cores = args.cores.split(",")
-    if unknown := sorted(set(cores) - set(CORES)):
+    if "torch_sdpa" in cores and importlib.util.find_spec("torch") is None:
+        cores.remove("torch_sdpa")
+    if unknown := sorted(set(cores) - set(CORES) - {"torch_sdpa"}):
         raise SystemExit(f"error: unknown core(s) {', '.join(unknown)}; use some of "
-                         f"{', '.join(CORES)}")
+                         f"{', '.join(CORES)}, torch_sdpa")
     machine = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__,
                "load_average_1min": round(os.getloadavg()[0], 2),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -145,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         for core in cores:
             r = {"dtype": jnp.dtype(dtype).name, "core": core, **bench(core, dtype, args.repeats)}
             rows.append(r)
-            print(f"{r['dtype']:9s} {core:8s} forward {r['forward_s'] * 1e3:7.1f} ms   "
+            print(f"{r['dtype']:9s} {core:10s} forward {r['forward_s'] * 1e3:7.1f} ms   "
                   f"forward+backward {r['forward_backward_s'] * 1e3:7.1f} ms", flush=True)
     models = {}
     for dtype in ("float32", "bfloat16") if args.model_rounds else ():

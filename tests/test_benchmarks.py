@@ -261,3 +261,15 @@ def test_attention_benchmark_names_unknown_cores():
     with pytest.raises(SystemExit, match="unknown core\\(s\\) flash; use some of blocked, "
                                          "einsum, xla"):
         main(["--cores=blocked,flash"])
+
+
+def test_attention_benchmark_times_the_torch_reference(tmp_path):
+    pytest.importorskip("torch")
+    from attention_impl import main
+
+    out = tmp_path / "attention.json"
+    main(["--cores=torch_sdpa", "--repeats=1", f"--out={out}"])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["dtype"], r["core"]) for r in rows] == [("float32", "torch_sdpa"),
+                                                       ("bfloat16", "torch_sdpa")]
+    assert all(r["forward_s"] > 0 and r["forward_backward_s"] > r["forward_s"] for r in rows)
