@@ -11,6 +11,8 @@ compile is timed separately). Throughput = batch * (inputs + targets) / median s
 Decode: greedy, batch 8, 512 input tokens, 64 new tokens, on the *same weights* (the
 transformers model's weights converted with `t5lite.export.hf_mapping`); EOS is disabled on both
 sides (t5lite `eos_id=-1`, transformers `min_new_tokens=64`) so both produce exactly 64 tokens.
+The request is split into "encoder + first token" (a 1-token request) and the further tokens;
+the encoder pass alone is also timed (t5lite `encode` vs transformers `model.encoder`).
 transformers runs `generate(use_cache=True)`; t5lite runs `t5lite.inference.Generator` (one jitted
 encode + cross-K/V precompute + `lax.while_loop` over cached decoder steps). The fraction of
 identical greedy tokens is reported as a sanity check of the conversion.
@@ -97,6 +99,34 @@ def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_
                      cross_kv_dtype=cross_kv_dtype)
 
 
+def compare_encoder(gen, hf_model, ids: np.ndarray, repeats: int) -> tuple[list, list]:
+    """Seconds of the encoder pass alone (batch x input ids, no padding), t5lite's jitted
+    `encode` on the Generator's model vs transformers' `model.encoder`, alternating."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    graphdef, state = nnx.split(gen.model)
+    encode = jax.jit(lambda st, t: nnx.merge(graphdef, st).encode(t))
+    tokens, torch_ids = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
+
+    def ours():
+        jax.block_until_ready(encode(state, tokens))
+
+    def theirs():
+        with torch.inference_mode():
+            hf_model.encoder(input_ids=torch_ids)
+
+    ours(), theirs()  # compile / warm up
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return t_ours, t_theirs
+
+
 def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tokens: int,
                    repeats: int, threads: int, with_transformers: bool = True,
                    quantize: str | None = None, cross_kv_dtype: str = "float",
@@ -161,6 +191,7 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         gen.generate_ids(rows, first_config)
         f_ours.append(time.perf_counter() - start)
         f_theirs += hf_first.time(1)
+    e_ours, e_theirs = compare_encoder(gen, hf_model, ids, max(repeats, 5))
     hf_tokens = hf_gen.run().numpy()[:, 1:]  # warm-up; drop the decoder start token
     log(f"t5lite decode compiled + ran once in {first_s:.1f} s")
     t_ours, t_theirs = [], []
@@ -180,6 +211,9 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         "ratio": theirs_s / ours_s, "t5lite_first_call_s": first_s,
         "t5lite_first_token_s": statistics.median(f_ours),
         "transformers_first_token_s": statistics.median(f_theirs),
+        "t5lite_encoder_s": statistics.median(e_ours),
+        "transformers_encoder_s": statistics.median(e_theirs),
+        "t5lite_encoder_times_s": e_ours, "transformers_encoder_times_s": e_theirs,
         # one decoding-loop iteration: (request - encoder and first token) / remaining tokens
         "t5lite_step_ms": 1e3 * (ours_s - statistics.median(f_ours)) / max(new_tokens - 1, 1),
         "transformers_step_ms": (1e3 * (theirs_s - statistics.median(f_theirs))
@@ -276,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"transformers {dec['transformers_first_token_s']:.2f} s; per further token: "
               f"t5lite {dec['t5lite_step_ms']:.1f} ms, transformers "
               f"{dec['transformers_step_ms']:.1f} ms", flush=True)
+        print(f"       encoder pass alone: t5lite {dec['t5lite_encoder_s']:.3f} s, transformers "
+              f"{dec['transformers_encoder_s']:.3f} s: ratio "
+              f"{dec['transformers_encoder_s'] / dec['t5lite_encoder_s']:.2f}x", flush=True)
     result["command"] = "python benchmarks/vs_transformers.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
