@@ -53,8 +53,8 @@ CORES = {
 
 def bench(core_name: str, dtype, repeats: int = 5) -> dict:
     """Median seconds of the forward pass and of forward + backward for one core."""
-    if core_name == "torch_sdpa":
-        return bench_torch(dtype, repeats)
+    if core_name in REFERENCES:
+        return REFERENCES[core_name](dtype, repeats)
     core = CORES[core_name]
     b, n, h, s, t = 8, 6, 64, 512, 114
     ks = jax.random.split(jax.random.key(0), 6)
@@ -76,17 +76,21 @@ def bench(core_name: str, dtype, repeats: int = 5) -> dict:
                 + jnp.sum(c.astype(jnp.float32)))
 
     args = (qe, ke, qd, kd, bias_e, bias_d)
-    result = {}
-    for name, fn in (("forward_s", jax.jit(loss)),
-                     ("forward_backward_s", jax.jit(jax.value_and_grad(loss, argnums=range(6))))):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times)
-    return result
+    forward, forward_backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss, range(6)))
+    return {"forward_s": median_seconds(lambda: jax.block_until_ready(forward(*args)), repeats),
+            "forward_backward_s": median_seconds(
+                lambda: jax.block_until_ready(forward_backward(*args)), repeats)}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_torch(dtype, repeats: int = 5) -> dict:
@@ -125,16 +129,13 @@ def bench_torch(dtype, repeats: int = 5) -> dict:
     def forward_backward():
         torch.autograd.grad(loss(), (qe, ke, qd, kd, bias_e, bias_d))
 
-    result = {}
-    for name, fn in (("forward_s", forward), ("forward_backward_s", forward_backward)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times)
-    return result
+    return {"forward_s": median_seconds(forward, repeats),
+            "forward_backward_s": median_seconds(forward_backward, repeats)}
+
+
+# other frameworks' attention on the same shapes, for reference (need their packages)
+REFERENCES = {"torch_sdpa": bench_torch}
+OPTIONAL_PACKAGE = {"torch_sdpa": "torch"}
 
 
 def model_ab(dtype: str, rounds: int) -> dict:
@@ -187,11 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     cores = args.cores.split(",")
-    if "torch_sdpa" in cores and importlib.util.find_spec("torch") is None:
-        cores.remove("torch_sdpa")
-    if unknown := sorted(set(cores) - set(CORES) - {"torch_sdpa"}):
+    cores = [c for c in cores if importlib.util.find_spec(OPTIONAL_PACKAGE.get(c, "jax"))]
+    if unknown := sorted(set(cores) - set(CORES) - set(REFERENCES)):
         raise SystemExit(f"error: unknown core(s) {', '.join(unknown)}; use some of "
-                         f"{', '.join(CORES)}, torch_sdpa")
+                         f"{', '.join([*CORES, *REFERENCES])}")
     machine = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__,
                "load_average_1min": round(os.getloadavg()[0], 2),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
