@@ -47,12 +47,19 @@ from t5lite.config import ModelConfig
 from t5lite.errors import ConfigError, UserError
 from t5lite.models import decoding
 from t5lite.models.decoding import EOS_ID, PAD_ID, DecodeConfig, DecodeOutput
+from t5lite.models.target import target_backend
 from t5lite.parallel.rules import (DEFAULT_INFERENCE_RECIPE, Rules, axes_to_pure, get_rules,
                                    logical_to_sharding, partitioned, tree_shardings)
 
 log = logging.getLogger(__name__)
 
 _MIN_BUCKET = 16
+# how decoding steps read the encoder (encoder-decoder models): "kv": every layer's cross K/V,
+# computed once per request; "absorbed": the encoder output itself, with the k / v kernels
+# moved to the query and output sides (`t5lite.models.attention.absorbed_decode_attention`);
+# "auto": absorbed on CPU (where a step is bound by memory traffic, not FLOPs) unless the
+# cross-attention kernels are int8, kv elsewhere
+CROSS_ATTENTION_FORMS = ("auto", "kv", "absorbed")
 # compute dtypes a model can be run in (`Generator.from_model_dir(dtype=...)`, `t5lite infer
 # --dtype`); parameters keep their stored dtype
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -141,6 +148,12 @@ def load_model(model_dir: str, *, step: int | None = None, mesh: Mesh | None = N
     return nnx.merge(graphdef, params, rest), used
 
 
+def _int8_cross_attention(model: nnx.Module) -> bool:
+    """Whether an encoder-decoder's cross-attention kernels are int8 (`t5lite.models.quant`)."""
+    return any("cross_attention" in map(str, path) and str(path[-1]).endswith("_scale")
+               for path, _ in nnx.to_flat_state(nnx.state(model)))
+
+
 def _decode_cache(model, inputs: int, max_len: int, config: DecodeConfig, rows: int):
     """(cache, batch axes) for decoding `inputs` inputs into `rows` rows each. Beam search
     uses a cache whose beams share each input's cache row (re-ranking beams reorders only its
@@ -158,13 +171,21 @@ class Generator:
 
     def __init__(self, model: nnx.Module, vocabulary: Any, *, max_input_len: int,
                  default_decode_len: int = 64, batch_size: int = 8, mesh: Mesh | None = None,
-                 rules: str | Rules = DEFAULT_INFERENCE_RECIPE, cross_kv_dtype: str = "float"):
+                 rules: str | Rules = DEFAULT_INFERENCE_RECIPE, cross_kv_dtype: str = "float",
+                 cross_attention: str = "auto"):
         from t5lite.models.quant import CROSS_KV_DTYPES
 
         if cross_kv_dtype not in CROSS_KV_DTYPES:
             raise UserError(f"cross_kv_dtype={cross_kv_dtype!r} must be one of "
                             f"{', '.join(CROSS_KV_DTYPES)}.")
+        if cross_attention not in CROSS_ATTENTION_FORMS:
+            raise UserError(f"cross_attention={cross_attention!r} must be one of "
+                            f"{', '.join(CROSS_ATTENTION_FORMS)}.")
+        if cross_attention == "absorbed" and _int8_cross_attention(model):
+            raise UserError("cross_attention='absorbed' needs float cross-attention weights; "
+                            "this model's are int8: use 'kv' or 'auto'.")
         self.cross_kv_dtype = cross_kv_dtype
+        self.cross_attention = cross_attention
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size} must be a positive integer.")
         self.model = model
@@ -194,15 +215,16 @@ class Generator:
                        mesh: Mesh | None = None, rules: str | Rules = DEFAULT_INFERENCE_RECIPE,
                        vocabulary_path: str | None = None, quantize: str | None = None,
                        activations: str | None = None, cross_kv_dtype: str = "float",
-                       dtype: str | None = None) -> "Generator":
+                       dtype: str | None = None, cross_attention: str = "auto") -> "Generator":
         """Load config, vocabulary and the latest (or `step`) checkpoint of `model_dir`.
 
         quantize="int8": quantize the weights after loading (`t5lite.models.quant`; a model
         dir written by `t5lite quantize` is int8 already). activations: "int8x2" | "int8" |
         "float" (default: int8x2 on CPU, float elsewhere). cross_kv_dtype="bfloat16": keep
-        the cross-attention K/V in bfloat16. dtype: the compute dtype ("bfloat16" |
-        "float32"; default: the model dir's own `ModelConfig.dtype`); the parameters stay as
-        stored, only the activations and matmuls change dtype."""
+        the cross-attention K/V (or, absorbed, the encoder output) in bfloat16. dtype: the
+        compute dtype ("bfloat16" | "float32"; default: the model dir's own
+        `ModelConfig.dtype`); the parameters stay as stored, only the activations and matmuls
+        change dtype. cross_attention: "auto" | "kv" | "absorbed" (`CROSS_ATTENTION_FORMS`)."""
         from t5lite.models.quant import QuantConfig, quantize_model
 
         if quantize not in (None, "none", "int8"):
@@ -234,7 +256,8 @@ class Generator:
         max_in = lengths.get("inputs") or 512
         return cls(model, vocab, max_input_len=max_in,
                    default_decode_len=lengths.get("targets") or 64, batch_size=batch_size,
-                   mesh=mesh, rules=rules, cross_kv_dtype=cross_kv_dtype)
+                   mesh=mesh, rules=rules, cross_kv_dtype=cross_kv_dtype,
+                   cross_attention=cross_attention)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str], truncate: bool = False) -> list[list[int]]:
@@ -270,7 +293,8 @@ class Generator:
         # (static slices of a scanned stack) and every layer's cross-attention K/V. The K/V
         # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
         layers = model.decoder.layer_modules()
-        cross = model.precompute_cross_attention(encoded, tokens, layers)
+        cross = model.precompute_cross_attention(encoded, tokens, layers,
+                                                 absorbed=self._absorbs_cross_attention(model))
         if self.cross_kv_dtype != "float":
             from t5lite.models.quant import cast_cross_kv
 
@@ -281,6 +305,12 @@ class Generator:
             return model.decode_step(tok, i, c, cross, layers)
 
         return decoding.run_decoding(step_fn, cache, batch * repeat, config, rng=rng, batch_axes=axes)
+
+    def _absorbs_cross_attention(self, model: nnx.Module) -> bool:
+        """Whether this trace decodes with absorbed cross-attention (`CROSS_ATTENTION_FORMS`)."""
+        if self.cross_attention != "auto":
+            return self.cross_attention == "absorbed"
+        return target_backend() == "cpu" and not _int8_cross_attention(model)
 
     def _run_decoder_only(self, model, tokens, lengths, rng, config, repeat, rows):
         """Prompt rows are [0, input ids..., EOS] (SeqIO prefix-LM layout: the start token, then

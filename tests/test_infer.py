@@ -101,13 +101,14 @@ def test_sentinels_are_understood(encdec):
     assert ids[-1] == EOS_ID
 
 
+@pytest.mark.parametrize("cross_attention", ["kv", "absorbed"])
 @pytest.mark.parametrize("kind", ["scanned_relative", "unrolled_rope_gqa"])
-def test_cached_greedy_equals_uncached_reference(tmp_path, vocab_path, kind):
+def test_cached_greedy_equals_uncached_reference(tmp_path, vocab_path, kind, cross_attention):
     cfg = tiny_config() if kind == "scanned_relative" else tiny_config(
         scan_layers=False, position_scheme="rope", num_heads=4, num_kv_heads=2,
         num_encoder_layers=3)
     model = make_model_dir(str(tmp_path), cfg, vocab_path, seed=3)
-    gen = Generator.from_model_dir(str(tmp_path), batch_size=4)
+    gen = Generator.from_model_dir(str(tmp_path), batch_size=4, cross_attention=cross_attention)
     results = gen.generate(TEXTS, max_decode_len=8)
     for text, res in zip(TEXTS, results):
         enc_ids = gen.tokenize([text])[0]
@@ -205,25 +206,35 @@ def _encoder_kv_projections(dots, src_len: int, d_model: int):
             if src_len in d[1] and any(d[1][i] == d_model for i in d[3])]
 
 
-def test_cross_attention_kv_computed_once_per_request(encdec):
+@pytest.mark.parametrize("cross_attention", ["kv", "absorbed"])
+def test_cross_attention_kv_computed_once_per_request(encdec, cross_attention):
     """Inspect the traced generate function: no projection of the encoder output (length S,
-    contracting d_model) happens inside the decoding while-loop, for greedy and beam search.
+    contracting d_model) happens inside the decoding while-loop, for greedy and beam search,
+    with cross K/V or absorbed cross-attention (which projects the encoder output nowhere).
     A deliberately wrong step function (recomputing cross K/V per step) is caught."""
-    _, gen = encdec
+    gen = Generator.from_model_dir(encdec[0], batch_size=4, cross_attention=cross_attention)
     src_len, d_model = 16, gen.config.d_model
     tokens = jnp.asarray(np.full((4, src_len), 5, np.int32))
     lengths = jnp.full((4,), src_len, jnp.int32)
-    for cfg in (gen.make_config("greedy", max_decode_len=8),
-                gen.make_config("beam", beam_size=3, max_decode_len=8)):
-        jaxpr = jax.make_jaxpr(lambda s, t, n, r: gen._run(s, t, n, r, cfg))(
-            gen._state, tokens, lengths, jax.random.key(0)).jaxpr
+
+    def projections(generator, cfg):
+        jaxpr = jax.make_jaxpr(lambda s, t, n, r: generator._run(s, t, n, r, cfg))(
+            generator._state, tokens, lengths, jax.random.key(0)).jaxpr
         dots = _dot_generals(jaxpr)
         assert any(d[0] for d in dots), "expected a decoding while-loop with matmuls"
-        outside = _encoder_kv_projections([d for d in dots if not d[0]], src_len, d_model)
-        inside = _encoder_kv_projections([d for d in dots if d[0]], src_len, d_model)
+        return (_encoder_kv_projections([d for d in dots if not d[0]], src_len, d_model),
+                _encoder_kv_projections([d for d in dots if d[0]], src_len, d_model))
+
+    for cfg in (gen.make_config("greedy", max_decode_len=8),
+                gen.make_config("beam", beam_size=3, max_decode_len=8)):
+        outside, inside = projections(gen, cfg)
         # the encoder (2 layers x q,k,v + ffn...) and the decoder's cross K/V, all outside
         assert len(outside) >= 2 * gen.config.num_decoder_layers
         assert inside == [], inside
+        if cross_attention == "absorbed":  # no cross K/V at all: 2 projections per layer fewer
+            kv_gen = Generator.from_model_dir(encdec[0], batch_size=4, cross_attention="kv")
+            assert len(outside) == (len(projections(kv_gen, cfg)[0])
+                                    - 2 * gen.config.num_decoder_layers)
 
     # control: a step function that projects the encoder output every step is detected
     model = gen.model

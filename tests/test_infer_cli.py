@@ -51,10 +51,11 @@ def test_infer_text_and_json_one_line_per_input(model_dir, tmp_path):
 def test_infer_dtype_changes_the_compute_and_composes_with_int8(model_dir):
     """--dtype=bfloat16 runs the float32 model dir in bfloat16 (its beam scores are the
     in-process bfloat16 Generator's, not the float32 ones), alone and with --quantize=int8
-    and --cross_kv_dtype=bfloat16."""
+    and --cross_kv_dtype=bfloat16; --cross_attention=kv reaches the Generator too."""
     common = [f"--model_dir={model_dir}", f"--input={TEXTS[1]}", "--decode=beam",
               "--beam_size=3", "--num_samples=2", "--max_decode_len=6", "--format=json"]
-    cases = {"float32": {}, "bfloat16": {"dtype": "bfloat16"},
+    cases = {"float32": {}, "float32+kv": {"cross_attention": "kv"},
+             "bfloat16": {"dtype": "bfloat16"},
              "bfloat16+int8": {"dtype": "bfloat16", "quantize": "int8",
                                "cross_kv_dtype": "bfloat16"}}
     scores = {}

@@ -38,12 +38,15 @@ def tokens(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).integers(2, 64, size=shape).astype(np.int32))
 
 
+@pytest.mark.parametrize("absorbed", [False, True], ids=["cross_kv", "absorbed"])
 @pytest.mark.parametrize("changes", [
     {},
     dict(scan_layers=False, position_scheme="rope", num_kv_heads=1),
     dict(num_experts=2, moe_dropless=True, tie_embeddings=True),
 ])
-def test_cached_steps_equal_teacher_forced_logits(changes):
+def test_cached_steps_equal_teacher_forced_logits(changes, absorbed):
+    """Step by step decoding gives the full forward pass's logits, with cross-attention read
+    from precomputed K/V or absorbed (the encoder output itself; MQA included)."""
     cfg = tiny(**changes)
     model = build_model(cfg, rngs=nnx.Rngs(params=0))
     assert isinstance(model, EncoderDecoder)
@@ -51,7 +54,8 @@ def test_cached_steps_equal_teacher_forced_logits(changes):
     dec = tokens(1, (2, 6)).at[:, 0].set(0)
     expected, _ = model(enc, dec)
     encoded = model.encode(enc)
-    cross = model.precompute_cross_attention(encoded, enc)
+    cross = model.precompute_cross_attention(encoded, enc, absorbed=absorbed)
+    assert ("k" in cross) != absorbed and ("encoded" in cross) == absorbed
     cache = model.init_decode_cache(2, 8)
     step = jax.jit(model.decode_step)
     for t in range(dec.shape[1]):
@@ -94,11 +98,12 @@ def test_cache_works_in_while_loop_and_with_tiled_beams():
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old)[np.asarray(rows)])
 
 
+@pytest.mark.parametrize("absorbed", [False, True], ids=["cross_kv", "absorbed"])
 @pytest.mark.parametrize("changes", [{}, dict(scan_layers=False, num_heads=4, num_kv_heads=2)])
-def test_beams_share_cross_attention_rows(changes):
-    """Cross K/V computed once per input (not tiled per beam) give the same step logits as
-    tiled ones, and the same beam search results (GQA included: 2 query heads per K/V head
-    and 3 beams per input are regrouped together)."""
+def test_beams_share_cross_attention_rows(changes, absorbed):
+    """Cross K/V (or the absorbed form's encoder output) computed once per input, not tiled
+    per beam, give the same step logits as tiled ones, and the same beam search results (GQA
+    included: 2 query heads per K/V head and 3 beams per input are regrouped together)."""
     from t5lite.models.decoding import DecodeConfig, beam_search
 
     cfg = tiny(**changes)
@@ -107,9 +112,11 @@ def test_beams_share_cross_attention_rows(changes):
     dec = tokens(1, (2, 5)).at[:, 0].set(0)
     expected, _ = model(enc, dec)
     layers = model.decoder.layer_modules()
-    cross = model.precompute_cross_attention(model.encode(enc), enc, layers)
+    cross = model.precompute_cross_attention(model.encode(enc), enc, layers, absorbed=absorbed)
     tiled = tile_batch(cross, 3)
-    assert cross["k"][0].shape[0] == 2 and tiled["k"][0].shape[0] == 6
+    per_input = cross["encoded"] if absorbed else cross["k"][0]
+    per_row = tiled["encoded"] if absorbed else tiled["k"][0]
+    assert per_input.shape[0] == 2 and per_row.shape[0] == 6
     cache_a = cache_b = tile_batch(model.init_decode_cache(2, 5), 3)
     beam_tokens = jnp.repeat(dec, 3, axis=0)
     step = jax.jit(model.decode_step)
@@ -273,14 +280,16 @@ def _copies_of_size(body: str, sizes: set[int]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("method,arch", [("greedy", "encoder_decoder"),
-                                         ("beam", "encoder_decoder"),
-                                         ("greedy", "decoder_only")])
-def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
+@pytest.mark.parametrize("method,arch,cross_attention", [
+    ("greedy", "encoder_decoder", "kv"), ("beam", "encoder_decoder", "kv"),
+    ("greedy", "encoder_decoder", "absorbed"), ("beam", "encoder_decoder", "absorbed"),
+    ("greedy", "decoder_only", "auto")])
+def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch, cross_attention):
     """The compiled decoding loop (Generator, scanned layers) updates the self-attention cache
-    in place and reads cross K/V and weights where they are: no copy or transpose the size of
-    a kernel, a cache or a cross K/V array in the loop body (such copies made decoding several
-    times slower). Beam search re-ranks beams without copying the caches either."""
+    in place and reads cross K/V (or, absorbed, the encoder output) and weights where they
+    are: no copy or transpose the size of a kernel, a cache, a cross K/V array or the encoder
+    output in the loop body (such copies made decoding several times slower). Beam search
+    re-ranks beams without copying the caches either."""
     from t5lite.inference import Generator
     from t5lite.models.decoding import DecodeConfig
 
@@ -290,7 +299,7 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
     if arch == "decoder_only":  # per-row positions: the cache is written with a scatter
         cfg = lm_cfg(vocab_size=80, d_model=24, d_ff=40, num_decoder_layers=4)
     gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None, max_input_len=src,
-                    batch_size=batch)
+                    batch_size=batch, cross_attention=cross_attention)
     beams = 3 if method == "beam" else 1
     config = DecodeConfig(method=method, beam_size=beams, max_decode_len=steps)
     hlo = gen._jitted.lower(gen._state, jnp.ones((batch, src), jnp.int32),
@@ -305,7 +314,8 @@ def test_decoding_loop_copies_no_cache_cross_kv_or_weights(method, arch):
                for a in jax.tree.leaves(nnx.state(m, nnx.Param)) if a.size >= 256}
     if arch == "decoder_only":  # the cache holds the prompt and the outputs
         cache = batch * beams * (src + steps) * kv
-    sizes = {cross, cross * layers, cross * beams, cache, cache * layers} | kernels
+    encoded = batch * src * cfg.d_model
+    sizes = {cross, cross * layers, cross * beams, cache, cache * layers, encoded} | kernels
     # the decoding loop carries the generated tokens
     out = f"s32[{batch},{steps}]" if method == "greedy" else f"s32[{batch},{beams},{steps}]"
     loops = [b for b in _while_bodies(hlo) if out in b.splitlines()[0]]

@@ -207,13 +207,17 @@ def test_quantize_bad_input_is_one_clear_error(float_dir, tmp_path, case):
     assert len(errors) == 1 and want in errors[0], proc.stderr
 
 
-def test_bfloat16_cross_kv_and_generator_errors(float_dir):
-    ref = Generator.from_model_dir(float_dir, batch_size=4)
-    bf = Generator.from_model_dir(float_dir, batch_size=4, cross_kv_dtype="bfloat16")
+@pytest.mark.parametrize("cross_attention", ["kv", "absorbed"])
+def test_bfloat16_cross_kv_and_generator_errors(float_dir, cross_attention):
+    ref = Generator.from_model_dir(float_dir, batch_size=4, cross_attention=cross_attention)
+    bf = Generator.from_model_dir(float_dir, batch_size=4, cross_kv_dtype="bfloat16",
+                                  cross_attention=cross_attention)
     config = DecodeConfig(method="greedy", max_decode_len=6)
     rows = ref.tokenize(TEXTS)
     a, b = ref.generate_ids(rows, config)[1], bf.generate_ids(rows, config)[1]
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)  # summed log-probs
+    with pytest.raises(UserError, match="cross_attention"):
+        Generator.from_model_dir(float_dir, cross_attention="cached")
     with pytest.raises(UserError, match="cross_kv_dtype"):
         Generator.from_model_dir(float_dir, cross_kv_dtype="int4")
     with pytest.raises(UserError, match="quantize"):
@@ -248,3 +252,19 @@ def test_compute_dtype_sets_every_dot_operand(float_dir, opts, operands):
     dots = [m.groups() for line in text.splitlines() if (m := _DOT.search(line))]
     assert len(dots) >= 10, text[:2000]
     assert {t for pair in dots for t in pair} == operands, sorted(set(dots))
+
+
+def test_int8_models_decode_with_cross_kv(float_dir):
+    """Absorbed cross-attention needs float k / v kernels: asking for it on an int8 model is
+    one clear error, and "auto" (absorbed on CPU) decodes an int8 model with cross K/V."""
+    with pytest.raises(UserError, match="cross_attention='absorbed'.*int8"):
+        Generator.from_model_dir(float_dir, quantize="int8", cross_attention="absorbed")
+    auto = Generator.from_model_dir(float_dir, batch_size=4, quantize="int8")
+    kv = Generator.from_model_dir(float_dir, batch_size=4, quantize="int8", cross_attention="kv")
+    assert not auto._absorbs_cross_attention(auto.model)
+    config = DecodeConfig(method="greedy", max_decode_len=6)
+    rows = kv.tokenize(TEXTS)
+    np.testing.assert_array_equal(auto.generate_ids(rows, config)[0],
+                                  kv.generate_ids(rows, config)[0])
+    float_auto = Generator.from_model_dir(float_dir, batch_size=4)
+    assert float_auto._absorbs_cross_attention(float_auto.model)  # these tests run on CPU

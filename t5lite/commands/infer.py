@@ -73,6 +73,11 @@ flags.DEFINE_enum("activations", None, ["int8x2", "int8", "float"], "with --quan
                   flag_values=FLAGS)
 flags.DEFINE_enum("cross_kv_dtype", "float", ["float", "bfloat16"], "dtype of the "
                   "cross-attention K/V kept for the decoding loop", flag_values=FLAGS)
+flags.DEFINE_enum("cross_attention", "auto", ["auto", "kv", "absorbed"], "how decoding steps "
+                  "read the encoder: kv = every layer's cross K/V, computed once per request; "
+                  "absorbed = the encoder output itself, k / v kernels moved to the query and "
+                  "output sides (no K/V; more FLOPs, fewer bytes); auto = absorbed on CPU "
+                  "unless the model is int8", flag_values=FLAGS)
 flags.DEFINE_integer("task_examples", 0, "instead of --input: decode the first N validation "
                      "examples of the model's task (run_info.json) and print input, output, "
                      "target and the input with the model's filled-in spans", flag_values=FLAGS)
@@ -144,7 +149,8 @@ def show_task_examples(model_dir: str, num: int, *, module_imports: list[str],
 
 def _generator_options() -> dict:
     return {"quantize": FLAGS.quantize, "activations": FLAGS.activations,
-            "cross_kv_dtype": FLAGS.cross_kv_dtype, "dtype": FLAGS.dtype}
+            "cross_kv_dtype": FLAGS.cross_kv_dtype, "dtype": FLAGS.dtype,
+            "cross_attention": FLAGS.cross_attention}
 
 
 def main(gin_bindings: Sequence[str]) -> None:

@@ -20,6 +20,8 @@ model trained on GPUs) also uses the einsum core: the two compute the same funct
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -233,6 +235,67 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
     # made XLA:CPU run it about 10x slower once t > 1 (beams sharing cross K/V).
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v).astype(q.dtype)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(n, q_len, num_heads, head_dim)
+
+
+class AbsorbedCross(NamedTuple):
+    """What one decoder layer's cross-attention reads per step when its key and value
+    projections are absorbed into the query and output sides (`absorbed_decode_attention`):
+    wk [kv_heads, head_dim, embed] and wv [kv_heads, embed, head_dim] (the layer's k / v
+    kernels rearranged once per request), encoded [B, S, embed] and encoded_t [B, embed, S]
+    (the encoder output, shared by every layer)."""
+    wk: jax.Array
+    wv: jax.Array
+    encoded: jax.Array
+    encoded_t: jax.Array
+
+
+def absorbed_decode_attention(q: jax.Array, cross: AbsorbedCross,
+                              mask: jax.Array | None) -> jax.Array:
+    """Cross-attention for incremental decoding without cross K/V: the same function as
+    `decode_attention(q, E Wk, E Wv)`, computed as
+
+        logits[b, n, s] = (q[b, n] . Wk[kv(n)]^T) . E[b, s]      (q moved into embed space)
+        out[b, n]       = (sum_s p[b, n, s] E[b, s]) . Wv[kv(n)]  (V applied after the sum)
+
+    Linear algebra only (cross-attention has no RoPE, bias or key norm), so nothing per layer
+    is stored but the encoder output E, shared by all layers: a step reads E (B*S*embed, in
+    cache) twice per layer instead of the layer's K and V (2*B*kv_heads*S*head_dim, streamed
+    from memory), and a request skips computing and transposing every layer's K/V. It costs
+    embed/head_dim times the FLOPs of the K/V form (8x for T5 v1.1-small), which pays where
+    a decode step is bound by memory, not FLOPs (CPUs).
+
+    q [N, T, heads, H] with N = B * R rows (R beams / samples per input, sharing E as in
+    `decode_attention`); mask bool [B, 1, 1, S] (one per input). Returns [N, T, heads, H].
+
+    Example: T5 v1.1-small, batch 8, 512 inputs: the K/V form streams 2 x 8 x 6 x 512 x 64
+    floats per layer (12.6 MB in float32) every step; this form reads the 8 x 512 x 512
+    encoder output (4 MB in bfloat16) from cache and the layer's two 512 x 384 kernels.
+    """
+    n, q_len, num_heads, head_dim = q.shape
+    batch, _, embed = cross.encoded.shape
+    kv_heads = cross.wk.shape[0]
+    if n % batch:
+        raise ValueError(f"{n} query rows cannot share {batch} encoder rows.")
+    if mask is not None and mask.shape[2] != 1:
+        raise ValueError(f"the cross-attention mask must be one per input, got {mask.shape}.")
+    reps, groups = n // batch, num_heads // kv_heads
+    dt = cross.encoded.dtype
+    # [kv_heads, B * R*T * groups, head_dim]: one small batched dot per kv head
+    qk = q.reshape(batch, reps * q_len, kv_heads, groups, head_dim)
+    qk = jnp.transpose(qk, (2, 0, 1, 3, 4)).reshape(kv_heads, -1, head_dim)
+    qd = accumulated_einsum("kmh,khd->kmd", qk.astype(cross.wk.dtype), cross.wk).astype(dt)
+    # [B, kv_heads * R*T * groups, embed]
+    qd = jnp.swapaxes(qd.reshape(kv_heads, batch, -1, embed), 0, 1).reshape(batch, -1, embed)
+    logits = jnp.einsum("bmd,bds->bms", qd, cross.encoded_t, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, 0], logits, NEG_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    ctx = accumulated_einsum("bms,bsd->bmd", probs, cross.encoded)
+    ctx = jnp.swapaxes(ctx.reshape(batch, kv_heads, -1, embed), 0, 1).reshape(kv_heads, -1, embed)
+    out = accumulated_einsum("kmd,kdh->kmh", ctx.astype(cross.wv.dtype), cross.wv)
+    out = out.reshape(kv_heads, batch, reps * q_len, groups, head_dim)
+    return jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(n, q_len, num_heads, head_dim
+                                                       ).astype(q.dtype)
 
 
 def write_position(cache: jax.Array, new: jax.Array, position: jax.Array) -> jax.Array:

@@ -25,11 +25,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
-from t5lite.models.attention import (Attention, decode_attention, fold_mask_into_bias,
-                                    write_position)
+from t5lite.errors import ConfigError
+from t5lite.models.attention import (AbsorbedCross, Attention, absorbed_decode_attention,
+                                     decode_attention, fold_mask_into_bias, write_position)
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
-from t5lite.models.quant import dense, kernel
+from t5lite.models.quant import dense, is_quantized, kernel
 from t5lite.models.positions import RelativePositionBias, apply_rope
 from t5lite.models.target import target_backend
 from t5lite.parallel.rules import constrain
@@ -147,14 +148,24 @@ class Layer(nnx.Module):
         v = dense("bsd,dkh->bksh", encoded, kernel(w, "v", w.dtype))
         return constrain(k, names), constrain(v, names)
 
+    def cross_absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
+        """The cross-attention k / v kernels as `AbsorbedCross` reads them (once per request):
+        wk [kv_heads, head_dim, embed], wv [kv_heads, embed, head_dim], in the compute dtype."""
+        w = self.cross_attention
+        if is_quantized(w, "k") or is_quantized(w, "v"):
+            raise ConfigError("absorbed cross-attention needs float k / v kernels; an int8 "
+                              "model decodes with precomputed cross K/V (cross_attention='kv').")
+        k, v = kernel(w, "k", w.dtype), kernel(w, "v", w.dtype)  # [embed, kv_heads, head_dim]
+        return jnp.transpose(k, (1, 2, 0)), jnp.transpose(v, (1, 0, 2))
+
     def decode_step(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],
-               cross_kv: tuple[jax.Array, jax.Array] | None = None):
+               cross_kv: tuple[jax.Array, jax.Array] | AbsorbedCross | None = None):
         """Incremental decoding: x [N, 1, D] holds one new position per row.
 
         Its keys/values are first written into this layer's cache (k, v) [N, K, M, H] at
         ctx.write_positions, then the position attends over the cache (ctx.self_mask hides the
         slots not written yet) and over `cross_kv` [B, K, S, H] (B divides N: see
-        `decode_attention`). No dropout. Returns (x, (k cache, v cache)).
+        `decode_attention`) or an `AbsorbedCross`. No dropout. Returns (x, (k cache, v cache)).
 
         Writing before reading lets XLA update the cache in place inside a `while_loop`
         (reading the old cache and writing afterwards made it copy the cache every step).
@@ -173,7 +184,11 @@ class Layer(nnx.Module):
         if self.has_cross:
             cattn = self.cross_attention
             q = cattn.query(self.pre_cross_attention_norm(x))
-            out = decode_attention(q, cross_kv[0], cross_kv[1], bias=None, mask=ctx.cross_mask)
+            if isinstance(cross_kv, AbsorbedCross):
+                out = absorbed_decode_attention(q, cross_kv, ctx.cross_mask)
+            else:
+                out = decode_attention(q, cross_kv[0], cross_kv[1], bias=None,
+                                       mask=ctx.cross_mask)
             x = x + cattn.decode_output(out)
         out, _ = self.mlp(self.pre_mlp_norm(x), ctx.token_mask, None)
         return x + out, (k_cache, v_cache)

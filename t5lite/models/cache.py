@@ -5,6 +5,9 @@ Self-attention cache (`init_decode_cache(batch, cache_len, beams=R)`) for N = ba
      "owner": int32 [N, cache_len]}
 Cross-attention values (`precompute_cross_attention`, computed once per request):
     {"k": ([B, kv_heads, S_enc, head_dim],) * layers, "v": same, "mask": bool [B, S_enc]}
+or, absorbed (`t5lite.models.attention.absorbed_decode_attention`), no K/V at all:
+    {"encoded": [B, S_enc, embed], "encoded_t": [B, embed, S_enc], "wk", "wv": kernels per
+     layer, "mask": bool [B, S_enc]}
 
 Why this layout: decoding runs the layers unrolled inside a `while_loop`; with one buffer per
 layer each step updates every cache in place, and [batch, kv_heads, length, head_dim] is the
@@ -32,9 +35,11 @@ Example::
 
 from __future__ import annotations
 
-BATCH_AXIS = {"k": 0, "v": 0, "owner": 0, "mask": 0}
+BATCH_AXIS = {"k": 0, "v": 0, "owner": 0, "mask": 0, "encoded": 0, "encoded_t": 0, "wk": None,
+              "wv": None}
 """Batch axis of every array under each key (a prefix tree for `decoding.tile_beams` /
-`decoding.gather_rows`) for plain caches (R = 1) and cross-attention values."""
+`decoding.gather_rows`) for plain caches (R = 1) and cross-attention values of both forms
+(None: a kernel, the same for every row)."""
 
 BEAM_AXES = {"k": None, "v": None, "owner": 0}
 """Batch axes of a cache made with beams > 1 for `decoding.beam_search`: reordering beams

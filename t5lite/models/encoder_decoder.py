@@ -26,6 +26,7 @@ from flax import nnx
 
 from t5lite.config import ModelConfig
 from t5lite.errors import UserError
+from t5lite.models.attention import AbsorbedCross
 from t5lite.models.blocks import Context, Stack, Stats, add_stats
 from t5lite.models.layers import Embed, dropout, make_param, normal, split_key
 from t5lite.models.masks import causal_mask, combine, key_padding_mask, segment_mask
@@ -205,14 +206,25 @@ class EncoderDecoder(ModelBase):
 
     # ------------------------------------------------------------------ incremental decoding
     def precompute_cross_attention(self, encoded: jax.Array, encoder_input_tokens: jax.Array,
-                                   layers: list | None = None) -> dict:
-        """Every decoder layer's cross-attention K/V and the encoder padding mask (once per
-        request): {"k", "v": tuple of num_layers arrays [B, kv_heads, S, head_dim],
-        "mask": bool [B, S]}. `layers`: `self.decoder.layer_modules()` if already at hand."""
+                                   layers: list | None = None, absorbed: bool = False) -> dict:
+        """What the decoder's cross-attention reads per step, computed once per request.
+
+        absorbed=False: every layer's K/V and the encoder padding mask: {"k", "v": tuple of
+        num_layers arrays [B, kv_heads, S, head_dim], "mask": bool [B, S]}.
+        absorbed=True (`absorbed_decode_attention`): no K/V; {"encoded": [B, S, embed],
+        "encoded_t": [B, embed, S] (in the compute dtype), "wk", "wv": tuple of num_layers
+        rearranged kernels (`Layer.cross_absorbed_weights`), "mask"}.
+        `layers`: `self.decoder.layer_modules()` if already at hand."""
         layers = self.decoder.layer_modules() if layers is None else layers
+        mask = encoder_input_tokens != 0
+        if absorbed:
+            encoded = encoded.astype(self.config.compute_dtype)
+            weights = [layer.cross_absorbed_weights() for layer in layers]
+            return {"encoded": encoded, "encoded_t": jnp.swapaxes(encoded, 1, 2),
+                    "wk": tuple(k for k, _ in weights), "wv": tuple(v for _, v in weights),
+                    "mask": mask}
         kv = [layer.cross_key_value(encoded) for layer in layers]
-        return {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv),
-                "mask": encoder_input_tokens != 0}
+        return {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv), "mask": mask}
 
     def init_decode_cache(self, batch_size: int, cache_len: int, beams: int = 1) -> dict:
         """Zeroed self-attention cache for batch_size * beams rows (`t5lite.models.cache`) of
@@ -282,7 +294,13 @@ def step_through(model: ModelBase, x: jax.Array, step, cache: dict, cross: dict 
                   cross_mask=None if cross is None else key_padding_mask(cross["mask"]))
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
-        cross_kv = None if cross is None else (cross["k"][i], cross["v"][i])
+        if cross is None:
+            cross_kv = None
+        elif "encoded" in cross:
+            cross_kv = AbsorbedCross(cross["wk"][i], cross["wv"][i], cross["encoded"],
+                                     cross["encoded_t"])
+        else:
+            cross_kv = (cross["k"][i], cross["v"][i])
         x, (k, v) = layer.decode_step(x, ctx, (cache["k"][i], cache["v"][i]), cross_kv)
         new_k.append(k)
         new_v.append(v)

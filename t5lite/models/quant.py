@@ -239,6 +239,9 @@ def cast_cross_kv(cross: dict, dtype: str) -> dict:
     if dtype not in CROSS_KV_DTYPES:
         raise ConfigError(f"cross_kv_dtype={dtype!r} must be one of "
                           f"{', '.join(CROSS_KV_DTYPES)}.")
+    if "encoded" in cross:  # absorbed cross-attention: the encoder output is what steps read
+        return {**cross, "encoded": cross["encoded"].astype(jnp.bfloat16),
+                "encoded_t": cross["encoded_t"].astype(jnp.bfloat16)}
     cast = lambda arrays: tuple(a.astype(jnp.bfloat16) for a in arrays)  # noqa: E731
     return {**cross, "k": cast(cross["k"]), "v": cast(cross["v"])}
 
