@@ -7,8 +7,11 @@ teacher-forced eval loss.
         --out=runs/acc_bf16.json
 
 The reference is the model as stored: float weights, its own compute dtype (model_config.json).
-Compared: "int8" (int8 weights, computing in --dtype, default the model's own) and, when --dtype
-differs from the model's own, also "<dtype>" (float weights, computing in --dtype). The
+Compared: "int8" (int8 weights, computing in --dtype, default the model's own), "float_absorbed"
+(float weights, absorbed cross-attention: `t5lite.models.attention.absorbed_decode_attention`)
+and, when --dtype differs from the model's own, also "<dtype>" and "<dtype>_absorbed" (float
+weights, computing in --dtype, cross-attention from K/V / absorbed). The reference and "<dtype>"
+read cross-attention K/V. Teacher-forced losses do not depend on the cross-attention form. The
 top-level loss_int8 / greedy_*_agreement fields are the int8 variant's; "variants" holds every
 compared variant's figures.
 
@@ -77,16 +80,20 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"benchmark": "quant_accuracy", "model_dir": args.model_dir,
                     "task": info.task, "examples": len(examples.inputs),
                     "target_tokens": n_tokens, "reference_dtype": own_dtype, "dtype": dtype}
-    # (name, weights, Generator options); the first is the reference
-    runs = [("float", "float", {})]
+    # (name, weights, Generator options); the first is the reference: float weights, the
+    # model's own dtype, cross-attention from per-layer K/V (the form training computes)
+    runs = [("float", "float", {"cross_attention": "kv"}),
+            ("float_absorbed", "float", {"cross_attention": "absorbed"})]
     if dtype != own_dtype:
-        runs.append((dtype, "float", {"dtype": dtype}))
+        runs.append((dtype, "float", {"dtype": dtype, "cross_attention": "kv"}))
+        runs.append((f"{dtype}_absorbed", "float", {"dtype": dtype,
+                                                     "cross_attention": "absorbed"}))
     runs.append(("int8", "int8", {"quantize": "int8", "activations": args.activations,
                                   "cross_kv_dtype": args.cross_kv_dtype, "dtype": args.dtype}))
     outputs, losses, variants = {}, {}, {}
     for name, weights, opts in runs:
         gen = Generator.from_model_dir(args.model_dir, batch_size=args.batch_size, **opts)
-        want = own_dtype if name == "float" else dtype
+        want = opts.get("dtype") or own_dtype
         if gen.config.dtype != want:
             raise RuntimeError(f"{name}: the model computes in {gen.config.dtype}, not {want}")
         outputs[name] = gen.generate_ids(examples.inputs, config)[0][:, 0]
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "float":
             continue
         tokens, exact = agreement(outputs["float"], outputs[name])
-        variants[name] = {"weights": weights, "dtype": gen.config.dtype, "loss": losses[name],
+        variants[name] = {"weights": weights, "dtype": gen.config.dtype,
+                          "cross_attention": opts.get("cross_attention", "auto"),
+                          "loss": losses[name],
                           "loss_rise_pct": 100 * (losses[name] / losses["float"] - 1),
                           "greedy_token_agreement": tokens, "greedy_sequence_agreement": exact}
         print(f"{name}: greedy tokens agreeing: {100 * tokens:.2f} % (sequences identical: "

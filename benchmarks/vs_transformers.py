@@ -78,7 +78,8 @@ def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targ
 
 
 def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_len: int,
-                             quantize: str | None = None, cross_kv_dtype: str = "float"):
+                             quantize: str | None = None, cross_kv_dtype: str = "float",
+                             cross_attention: str = "auto"):
     """A t5lite Generator holding the transformers model's weights (int8-quantized after
     loading with quantize="int8")."""
     from flax import nnx
@@ -96,7 +97,7 @@ def t5lite_generator_from_hf(cfg: ModelConfig, hf_model, batch_size: int, input_
 
         quantize_model(model, QuantConfig())
     return Generator(model, None, max_input_len=input_len, batch_size=batch_size,
-                     cross_kv_dtype=cross_kv_dtype)
+                     cross_kv_dtype=cross_kv_dtype, cross_attention=cross_attention)
 
 
 def compare_encoder(gen, hf_model, ids: np.ndarray, repeats: int) -> tuple[list, list]:
@@ -130,7 +131,8 @@ def compare_encoder(gen, hf_model, ids: np.ndarray, repeats: int) -> tuple[list,
 def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tokens: int,
                    repeats: int, threads: int, with_transformers: bool = True,
                    quantize: str | None = None, cross_kv_dtype: str = "float",
-                   transformers_dtype: str = "float32", log=print) -> dict:
+                   transformers_dtype: str = "float32", cross_attention: str = "auto",
+                   log=print) -> dict:
     """Greedy decoding, t5lite Generator vs transformers generate, same weights, alternating.
 
     with_transformers=False times t5lite alone on random weights (accelerator machines, where
@@ -144,7 +146,7 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         torch.manual_seed(0)
         hf_model = build_hf_model(cfg).eval()
         gen = t5lite_generator_from_hf(cfg, hf_model, batch_size, input_len, quantize,
-                                       cross_kv_dtype)
+                                       cross_kv_dtype, cross_attention)
         if transformers_dtype == "bfloat16":  # after t5lite took the float32 weights
             hf_model = hf_model.to(torch.bfloat16)
     else:
@@ -154,13 +156,16 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         from t5lite.models import build_model
 
         gen = Generator(build_model(cfg, rngs=nnx.Rngs(params=0)), None,
-                        max_input_len=input_len, batch_size=batch_size)
+                        max_input_len=input_len, batch_size=batch_size,
+                        cross_attention=cross_attention)
     rng = np.random.default_rng(1)
     ids = rng.integers(3, min(cfg.vocab_size, 32000), size=(batch_size, input_len),
                        dtype=np.int32)
     ids[:, -1] = 1  # EOS ends every input, as tokenised text does
     rows = [list(r) for r in ids]
     config = DecodeConfig(method="greedy", max_decode_len=new_tokens, eos_id=-1)
+
+    form = gen.cross_attention_form()
 
     def ours():
         return gen.generate_ids(rows, config)[0][:, 0]
@@ -177,6 +182,7 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
             t_ours.append(time.perf_counter() - start)
         ours_s = statistics.median(t_ours)
         return {"t5lite_decode_s": ours_s, "t5lite_decode_times_s": t_ours,
+                "cross_attention": form,
                 "t5lite_tokens_per_s": batch_size * new_tokens / ours_s,
                 "t5lite_first_call_s": first_s, "new_tokens": [int(our_tokens.shape[1])]}
     hf_gen = HFGenerate(hf_model, ids, new_tokens)
@@ -219,7 +225,7 @@ def compare_decode(cfg: ModelConfig, *, batch_size: int, input_len: int, new_tok
         "transformers_step_ms": (1e3 * (theirs_s - statistics.median(f_theirs))
                                  / max(new_tokens - 1, 1)),
         "new_tokens": [int(our_tokens.shape[1]), int(hf_tokens.shape[1])],
-        "token_agreement": agree,
+        "token_agreement": agree, "cross_attention": form,
     }
 
 
@@ -249,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "transformers stays float32")
     parser.add_argument("--cross_kv_dtype", default="float", choices=["float", "bfloat16"],
                         help="t5lite's cross-attention K/V cache dtype")
+    parser.add_argument("--cross_attention", default="auto", choices=["auto", "kv", "absorbed"],
+                        help="how t5lite's decoding steps read the encoder "
+                        "(t5lite.inference.CROSS_ATTENTION_FORMS)")
     parser.add_argument("--transformers_dtype", default="float32",
                         choices=["float32", "bfloat16"],
                         help="dtype of transformers' model for decoding (its weights are cast "
@@ -292,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
                              threads=args.threads,
                              with_transformers=not args.skip_transformers,
                              quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype,
-                             transformers_dtype=args.transformers_dtype)
+                             transformers_dtype=args.transformers_dtype,
+                             cross_attention=args.cross_attention)
         dec.update(quantize=args.quantize, cross_kv_dtype=args.cross_kv_dtype,
                    transformers_dtype=args.transformers_dtype)
         result["decode"] = dec

@@ -14,11 +14,13 @@ What happens per batch of texts:
     number of rows and a length bucket (a power of two, at most the model's input length), so a
     handful of compiled shapes serve every request;
   * then, inside one jitted function:
-    - encoder-decoder: the encoder runs once and every decoder layer's cross-attention K/V are
-      computed once (`precompute_cross_attention`), then the decoding loop
-      (`t5lite.models.decoding.run_decoding`) runs `decode_step` against them; beams and
-      samples are rows of the self-attention cache, while the cross K/V stay one per input
-      (shared by its beams/samples, never copied or recomputed per step);
+    - encoder-decoder: the encoder runs once and what the decoder's cross-attention reads is
+      prepared once (`precompute_cross_attention`): every layer's K/V, or with absorbed
+      cross-attention (`cross_attention`, the CPU default) just the encoder output, which
+      every layer reads through its own k / v kernels; then the decoding loop
+      (`t5lite.models.decoding.run_decoding`) runs `decode_step` against it; beams and
+      samples are rows of the self-attention cache, while the cross-attention values stay
+      one per input (shared by its beams/samples, never copied or recomputed per step);
     - decoder-only: the prompt (inputs + EOS) is prefilled in one pass, then decoded step by
       step;
     - beam search keeps the beams of an input in one shared cache row (`t5lite.models.cache`),
@@ -294,7 +296,7 @@ class Generator:
         # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
         layers = model.decoder.layer_modules()
         cross = model.precompute_cross_attention(encoded, tokens, layers,
-                                                 absorbed=self._absorbs_cross_attention(model))
+                                                 absorbed=self.cross_attention_form(model) == "absorbed")
         if self.cross_kv_dtype != "float":
             from t5lite.models.quant import cast_cross_kv
 
@@ -306,11 +308,14 @@ class Generator:
 
         return decoding.run_decoding(step_fn, cache, batch * repeat, config, rng=rng, batch_axes=axes)
 
-    def _absorbs_cross_attention(self, model: nnx.Module) -> bool:
-        """Whether this trace decodes with absorbed cross-attention (`CROSS_ATTENTION_FORMS`)."""
+    def cross_attention_form(self, model: nnx.Module | None = None) -> str:
+        """"kv" or "absorbed": the form `cross_attention` ("auto" resolved) takes for `model`
+        (default: this Generator's) on the backend being traced for."""
         if self.cross_attention != "auto":
-            return self.cross_attention == "absorbed"
-        return target_backend() == "cpu" and not _int8_cross_attention(model)
+            return self.cross_attention
+        model = self.model if model is None else model
+        cpu = target_backend() == "cpu"
+        return "absorbed" if cpu and not _int8_cross_attention(model) else "kv"
 
     def _run_decoder_only(self, model, tokens, lengths, rng, config, repeat, rows):
         """Prompt rows are [0, input ids..., EOS] (SeqIO prefix-LM layout: the start token, then

@@ -80,8 +80,11 @@ def test_vs_transformers_train_and_decode_one_step():
     dec = compare_decode(TINY, batch_size=2, input_len=12, new_tokens=4, repeats=1, threads=1,
                          log=quiet)
     assert dec["new_tokens"] == [4, 4]  # EOS disabled on both sides
-    # same weights, float32: greedy tokens agree
-    assert dec["token_agreement"] == 1.0
+    # same weights, float32: greedy tokens agree (both cross-attention forms)
+    assert dec["token_agreement"] == 1.0 and dec["cross_attention"] == "absorbed"  # CPU auto
+    kv = compare_decode(TINY, batch_size=2, input_len=12, new_tokens=4, repeats=1, threads=1,
+                        cross_attention="kv", log=quiet)
+    assert kv["token_agreement"] == 1.0 and kv["cross_attention"] == "kv"
     assert len(dec["t5lite_encoder_times_s"]) == len(dec["transformers_encoder_times_s"]) == 5
     assert dec["t5lite_encoder_s"] > 0 and dec["transformers_encoder_s"] > 0
     both_bf16 = compare_decode(TINY.replace(dtype="bfloat16"), batch_size=2, input_len=12,

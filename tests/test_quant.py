@@ -261,10 +261,10 @@ def test_int8_models_decode_with_cross_kv(float_dir):
         Generator.from_model_dir(float_dir, quantize="int8", cross_attention="absorbed")
     auto = Generator.from_model_dir(float_dir, batch_size=4, quantize="int8")
     kv = Generator.from_model_dir(float_dir, batch_size=4, quantize="int8", cross_attention="kv")
-    assert not auto._absorbs_cross_attention(auto.model)
+    assert auto.cross_attention_form() == "kv"
     config = DecodeConfig(method="greedy", max_decode_len=6)
     rows = kv.tokenize(TEXTS)
     np.testing.assert_array_equal(auto.generate_ids(rows, config)[0],
                                   kv.generate_ids(rows, config)[0])
     float_auto = Generator.from_model_dir(float_dir, batch_size=4)
-    assert float_auto._absorbs_cross_attention(float_auto.model)  # these tests run on CPU
+    assert float_auto.cross_attention_form() == "absorbed"  # these tests run on CPU
