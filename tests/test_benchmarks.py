@@ -93,6 +93,20 @@ def test_vs_transformers_train_and_decode_one_step():
     assert both_bf16["new_tokens"] == [4, 4]
 
 
+def test_cross_attention_ab_times_both_forms():
+    """The A/B bench decodes with both cross-attention forms; in float32 they agree."""
+    from cross_attention_ab import compare_forms
+
+    for decode in ("greedy", "beam"):
+        res = compare_forms(TINY, batch_size=2, input_len=12, new_tokens=3, repeats=1,
+                            decode=decode, beam_size=2, log=lambda *a: None)
+        for n in (1, 3):
+            entry = res[f"tokens_{n}"]
+            assert entry["token_agreement"] == 1.0
+            assert entry["speedup"] == pytest.approx(entry["kv_s"] / entry["absorbed_s"])
+        assert set(res) >= {"kv_step_ms", "absorbed_step_ms"}
+
+
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
 
