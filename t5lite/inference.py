@@ -292,11 +292,12 @@ class Generator:
             return self._run_decoder_only(model, tokens, lengths, rng, config, repeat, rows)
         encoded = model.encode(tokens)
         # Once per request, outside the decoding loop: the decoder's per-layer parameters
-        # (static slices of a scanned stack) and every layer's cross-attention K/V. The K/V
-        # stay per input: the `rows` beams / samples of an input share them in `decode_step`.
+        # (static slices of a scanned stack) and what cross-attention reads (every layer's
+        # K/V, or the encoder output when absorbed). Those stay per input: the `rows` beams /
+        # samples of an input share them in `decode_step`.
         layers = model.decoder.layer_modules()
-        cross = model.precompute_cross_attention(encoded, tokens, layers,
-                                                 absorbed=self.cross_attention_form(model) == "absorbed")
+        absorbed = self.cross_attention_form(model) == "absorbed"
+        cross = model.precompute_cross_attention(encoded, tokens, layers, absorbed=absorbed)
         if self.cross_kv_dtype != "float":
             from t5lite.models.quant import cast_cross_kv
 
