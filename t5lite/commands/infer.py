@@ -7,6 +7,9 @@ Example::
         --format=json --output_file=out.jsonl
     t5lite infer --model_dir=runs/demo --input_file=prompts.txt --quantize=int8 \\
         --cross_kv_dtype=bfloat16                       # int8 weights (t5lite.models.quant)
+    t5lite infer --model_dir=runs/demo --input_file=prompts.txt --cross_attention=kv
+        # cross-attention from per-layer K/V instead of the CPU default (absorbed: the steps
+        # read the encoder output; t5lite.models.attention.absorbed_decode_attention)
     t5lite infer --model_dir=runs/demo --input_file=prompts.txt --dtype=bfloat16
         # bfloat16 compute for a model trained in float32 (weights stay as stored; composes
         # with --quantize=int8, --cross_kv_dtype and int8 model dirs)
