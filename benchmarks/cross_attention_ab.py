@@ -2,6 +2,7 @@
 
     python benchmarks/cross_attention_ab.py                       # float32, greedy
     python benchmarks/cross_attention_ab.py --dtype=bfloat16 --decode=beam
+    python benchmarks/cross_attention_ab.py --dtype=bfloat16 --quantize=int8
 
 Two `t5lite.inference.Generator`s share one random T5 v1.1-small (gin file, default
 `gin/models/t5_1_1/small.gin`): one with `cross_attention="kv"` (every decoder layer's cross K/V
@@ -37,8 +38,10 @@ FORMS = ("kv", "absorbed")
 
 
 def compare_forms(cfg, *, batch_size: int, input_len: int, new_tokens: int, repeats: int,
-                  decode: str = "greedy", beam_size: int = 4, log=print) -> dict:
-    """Time both cross-attention forms on one model, alternating; medians per request."""
+                  decode: str = "greedy", beam_size: int = 4, quantize: str | None = None,
+                  log=print) -> dict:
+    """Time both cross-attention forms on one model (int8 weights with quantize="int8"),
+    alternating; medians per request."""
     from flax import nnx
 
     from t5lite.inference import Generator
@@ -46,13 +49,17 @@ def compare_forms(cfg, *, batch_size: int, input_len: int, new_tokens: int, repe
     from t5lite.models.decoding import DecodeConfig
 
     model = build_model(cfg, rngs=nnx.Rngs(params=0))
+    if quantize:
+        from t5lite.models.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig())
     gens = {form: Generator(model, None, max_input_len=input_len, batch_size=batch_size,
                             cross_attention=form) for form in FORMS}
     ids = np.random.default_rng(1).integers(3, min(cfg.vocab_size, 32000),
                                             size=(batch_size, input_len))
     ids[:, -1] = 1  # EOS ends every input
     rows = [list(map(int, r)) for r in ids]
-    result: dict = {"decode": decode}
+    result: dict = {"decode": decode, "quantize": quantize}
     for n in (1, new_tokens):
         config = DecodeConfig(method=decode, max_decode_len=n, eos_id=-1,
                               beam_size=beam_size if decode == "beam" else 1)
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--decode", default="greedy", choices=["greedy", "beam"])
     parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="int8 weights (t5lite.models.quant, default activations)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--input_len", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -102,12 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
               "new_tokens": args.new_tokens, "machine": where,
               **compare_forms(cfg, batch_size=args.batch_size, input_len=args.input_len,
                               new_tokens=args.new_tokens, repeats=args.repeats,
-                              decode=args.decode, beam_size=args.beam_size)}
+                              decode=args.decode, beam_size=args.beam_size,
+                              quantize=args.quantize)}
     result["command"] = "python benchmarks/cross_attention_ab.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     write_result(result, args.out or os.path.join(
-        ROOT, "benchmarks", "results", f"cross_attention_ab_{args.dtype}_{args.decode}.json"))
+        ROOT, "benchmarks", "results", f"cross_attention_ab_{args.dtype}_{args.decode}"
+        f"{'_' + args.quantize if args.quantize else ''}.json"))
     return result
 
 

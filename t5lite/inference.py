@@ -59,8 +59,9 @@ _MIN_BUCKET = 16
 # how decoding steps read the encoder (encoder-decoder models): "kv": every layer's cross K/V,
 # computed once per request; "absorbed": the encoder output itself, with the k / v kernels
 # moved to the query and output sides (`t5lite.models.attention.absorbed_decode_attention`);
-# "auto": absorbed on CPU (where a step is bound by memory traffic, not FLOPs) unless the
-# cross-attention kernels are int8, kv elsewhere
+# "auto": absorbed on CPU (where a step is bound by memory traffic, not FLOPs) for float
+# weights, kv elsewhere and for int8 weights (absorbed int8 dots cost more per step than they
+# save; int8 kernels stay int8 in both forms)
 CROSS_ATTENTION_FORMS = ("auto", "kv", "absorbed")
 # compute dtypes a model can be run in (`Generator.from_model_dir(dtype=...)`, `t5lite infer
 # --dtype`); parameters keep their stored dtype
@@ -183,9 +184,6 @@ class Generator:
         if cross_attention not in CROSS_ATTENTION_FORMS:
             raise UserError(f"cross_attention={cross_attention!r} must be one of "
                             f"{', '.join(CROSS_ATTENTION_FORMS)}.")
-        if cross_attention == "absorbed" and _int8_cross_attention(model):
-            raise UserError("cross_attention='absorbed' needs float cross-attention weights; "
-                            "this model's are int8: use 'kv' or 'auto'.")
         self.cross_kv_dtype = cross_kv_dtype
         self.cross_attention = cross_attention
         if batch_size < 1:

@@ -105,6 +105,9 @@ def test_cross_attention_ab_times_both_forms():
             assert entry["token_agreement"] == 1.0
             assert entry["speedup"] == pytest.approx(entry["kv_s"] / entry["absorbed_s"])
         assert set(res) >= {"kv_step_ms", "absorbed_step_ms"}
+    int8 = compare_forms(TINY, batch_size=2, input_len=12, new_tokens=3, repeats=1,
+                         quantize="int8", log=lambda *a: None)
+    assert int8["quantize"] == "int8" and int8["tokens_3"]["token_agreement"] > 0
 
 
 def test_gpu_script_is_valid_bash():

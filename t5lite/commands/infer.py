@@ -80,7 +80,7 @@ flags.DEFINE_enum("cross_attention", "auto", ["auto", "kv", "absorbed"], "how de
                   "read the encoder: kv = every layer's cross K/V, computed once per request; "
                   "absorbed = the encoder output itself, k / v kernels moved to the query and "
                   "output sides (no K/V; more FLOPs, fewer bytes); auto = absorbed on CPU "
-                  "unless the model is int8", flag_values=FLAGS)
+                  "for float weights, kv elsewhere and for int8", flag_values=FLAGS)
 flags.DEFINE_integer("task_examples", 0, "instead of --input: decode the first N validation "
                      "examples of the model's task (run_info.json) and print input, output, "
                      "target and the input with the model's filled-in spans", flag_values=FLAGS)

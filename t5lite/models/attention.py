@@ -20,6 +20,7 @@ model trained on GPUs) also uses the einsum core: the two compute the same funct
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -241,12 +242,27 @@ class AbsorbedCross(NamedTuple):
     """What one decoder layer's cross-attention reads per step when its key and value
     projections are absorbed into the query and output sides (`absorbed_decode_attention`):
     wk [kv_heads, head_dim, embed] and wv [kv_heads, embed, head_dim] (the layer's k / v
-    kernels rearranged once per request), encoded [B, S, embed] and encoded_t [B, embed, S]
-    (the encoder output, shared by every layer)."""
-    wk: jax.Array
-    wv: jax.Array
+    kernels rearranged once per request; int8 `QTensor`s for a quantized model, read as int8
+    by the steps), encoded [B, S, embed] and encoded_t [B, embed, S] (the encoder output,
+    shared by every layer)."""
+    wk: jax.Array | QTensor
+    wv: jax.Array | QTensor
     encoded: jax.Array
     encoded_t: jax.Array
+
+
+def _absorbed_query(qk: jax.Array, wk: jax.Array | QTensor) -> jax.Array:
+    """q moved into embed space, [kv_heads, M, head_dim] x wk [kv_heads, head_dim, embed]. An
+    int8 wk's scales sit on the contracted head_dim axis, so they scale q first and the dot
+    reads the int8 values as they are (`t5lite.models.quant.dense`)."""
+    if not isinstance(wk, QTensor):
+        return accumulated_einsum("kmh,khd->kmd", qk.astype(wk.dtype), wk)
+    kv_heads, _, head_dim = qk.shape
+    scaled = qk.astype(jnp.float32) * wk.scale.reshape(kv_heads, 1, head_dim)
+    if wk.activations == "float":  # weight-only: the dot runs in the compute dtype
+        scaled = scaled.astype(wk.dtype)
+    unit = dataclasses.replace(wk, scale=jnp.ones((kv_heads, 1, 1), jnp.float32))
+    return dense("kmh,khd->kmd", scaled, unit)
 
 
 def absorbed_decode_attention(q: jax.Array, cross: AbsorbedCross,
@@ -283,7 +299,7 @@ def absorbed_decode_attention(q: jax.Array, cross: AbsorbedCross,
     # [kv_heads, B * R*T * groups, head_dim]: one small batched dot per kv head
     qk = q.reshape(batch, reps * q_len, kv_heads, groups, head_dim)
     qk = jnp.transpose(qk, (2, 0, 1, 3, 4)).reshape(kv_heads, -1, head_dim)
-    qd = accumulated_einsum("kmh,khd->kmd", qk.astype(cross.wk.dtype), cross.wk).astype(dt)
+    qd = _absorbed_query(qk, cross.wk).astype(dt)
     # [B, kv_heads * R*T * groups, embed]
     qd = jnp.swapaxes(qd.reshape(kv_heads, batch, -1, embed), 0, 1).reshape(batch, -1, embed)
     logits = jnp.einsum("bmd,bds->bms", qd, cross.encoded_t, preferred_element_type=jnp.float32)
@@ -292,7 +308,10 @@ def absorbed_decode_attention(q: jax.Array, cross: AbsorbedCross,
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     ctx = accumulated_einsum("bms,bsd->bmd", probs, cross.encoded)
     ctx = jnp.swapaxes(ctx.reshape(batch, kv_heads, -1, embed), 0, 1).reshape(kv_heads, -1, embed)
-    out = accumulated_einsum("kmd,kdh->kmh", ctx.astype(cross.wv.dtype), cross.wv)
+    if isinstance(cross.wv, QTensor):  # int8: its per-(kv head, head_dim) scale is an output's
+        out = dense("kmd,kdh->kmh", ctx, cross.wv)
+    else:
+        out = accumulated_einsum("kmd,kdh->kmh", ctx.astype(cross.wv.dtype), cross.wv)
     out = out.reshape(kv_heads, batch, reps * q_len, groups, head_dim)
     return jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(n, q_len, num_heads, head_dim
                                                        ).astype(q.dtype)

@@ -25,12 +25,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from t5lite.config import ModelConfig
-from t5lite.errors import ConfigError
 from t5lite.models.attention import (AbsorbedCross, Attention, absorbed_decode_attention,
                                      decode_attention, fold_mask_into_bias, write_position)
 from t5lite.models.layers import RMSNorm, dropout, split_key
 from t5lite.models.mlp import MLP, MoE, STAT_NAMES, zero_stats
-from t5lite.models.quant import dense, is_quantized, kernel
+from t5lite.models.quant import QTensor, dense, kernel
 from t5lite.models.positions import RelativePositionBias, apply_rope
 from t5lite.models.target import target_backend
 from t5lite.parallel.rules import constrain
@@ -148,15 +147,14 @@ class Layer(nnx.Module):
         v = dense("bsd,dkh->bksh", encoded, kernel(w, "v", w.dtype))
         return constrain(k, names), constrain(v, names)
 
-    def cross_absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
+    def cross_absorbed_weights(self) -> tuple[Any, Any]:
         """The cross-attention k / v kernels as `AbsorbedCross` reads them (once per request):
-        wk [kv_heads, head_dim, embed], wv [kv_heads, embed, head_dim], in the compute dtype."""
+        wk [kv_heads, head_dim, embed], wv [kv_heads, embed, head_dim], in the compute dtype,
+        or int8 `QTensor`s rearranged the same way (their scales move along: wk's, over the
+        axis the absorbed dot contracts, in `AbsorbedCross.k_scale`)."""
         w = self.cross_attention
-        if is_quantized(w, "k") or is_quantized(w, "v"):
-            raise ConfigError("absorbed cross-attention needs float k / v kernels; an int8 "
-                              "model decodes with precomputed cross K/V (cross_attention='kv').")
         k, v = kernel(w, "k", w.dtype), kernel(w, "v", w.dtype)  # [embed, kv_heads, head_dim]
-        return jnp.transpose(k, (1, 2, 0)), jnp.transpose(v, (1, 0, 2))
+        return _rearranged(k, (1, 2, 0)), _rearranged(v, (1, 0, 2))
 
     def decode_step(self, x: jax.Array, ctx: Context, cache: tuple[jax.Array, jax.Array],
                cross_kv: tuple[jax.Array, jax.Array] | AbsorbedCross | None = None):
@@ -192,6 +190,15 @@ class Layer(nnx.Module):
             x = x + cattn.decode_output(out)
         out, _ = self.mlp(self.pre_mlp_norm(x), ctx.token_mask, None)
         return x + out, (k_cache, v_cache)
+
+
+def _rearranged(w: Any, axes: tuple[int, ...]) -> Any:
+    """A kernel transposed by `axes`; for an int8 QTensor the int8 values and the keepdims
+    scale alike (no float copy of the weight)."""
+    if isinstance(w, QTensor):
+        return dataclasses.replace(w, value=jnp.transpose(w.value, axes),
+                                   scale=jnp.transpose(w.scale, axes))
+    return jnp.transpose(w, axes)
 
 
 class LayerGroup(nnx.Module):
