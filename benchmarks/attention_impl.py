@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cpu_info import cpu_model  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from t5lite.models.attention import attention_core, einsum_attention_core  # noqa: E402
 from t5lite.models.blocked_attention import blocked_attention_core  # noqa: E402
@@ -80,17 +81,6 @@ def bench(core_name: str, dtype, repeats: int = 5) -> dict:
     return {"forward_s": median_seconds(lambda: jax.block_until_ready(forward(*args)), repeats),
             "forward_backward_s": median_seconds(
                 lambda: jax.block_until_ready(forward_backward(*args)), repeats)}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_torch(dtype, repeats: int = 5) -> dict:

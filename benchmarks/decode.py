@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -34,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from t5lite.inference import Generator  # noqa: E402
+from timing import median_seconds  # noqa: E402
 from t5lite.models.decoding import DecodeConfig  # noqa: E402
 
 
@@ -56,16 +55,6 @@ def make_random_demo_dir(directory: str) -> str:
     write_run_info(directory, RunInfo(task=None, vocabulary=vocab,
                                       task_feature_lengths={"inputs": 512, "targets": 64}))
     return directory
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -103,8 +92,8 @@ def main() -> None:
                                       eos_id=-1)
                 gen.generate_ids(rows, config)
 
-            first = timed(lambda: run(1), args.repeats)
-            full = timed(lambda: run(args.output_len), args.repeats)
+            first = median_seconds(lambda: run(1), args.repeats)
+            full = median_seconds(lambda: run(args.output_len), args.repeats)
             label = method if method == "greedy" else f"beam{beam}"
             step_ms = (full - first) / max(args.output_len - 1, 1) * 1e3
             print(f"{label:<10}{batch:>6}{first * 1e3:>16.1f}{full:>11.3f}{step_ms:>9.1f}"

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from t5lite.config import ModelConfig  # noqa: E402
 from t5lite.train import flops as F  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 SIZES = {
     # the demo student (gin/demo.gin): d_model 256, 4 heads of 64, d_ff 768, 3 + 3 layers
@@ -100,18 +100,6 @@ def request_flops(cfg: ModelConfig, input_len: int, new_tokens: int) -> float:
     return total
 
 
-# ---------------------------------------------------------------- timing
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _model(cfg: ModelConfig):
     from flax import nnx
 
@@ -161,7 +149,7 @@ def train_step_seconds(cfg: ModelConfig, batch: int, input_len: int, target_len:
         return optax.apply_updates(params, updates), opt
 
     batch_j = {k: jnp.asarray(v) for k, v in b.items()}
-    return _timed(lambda: jax.block_until_ready(step(params, opt, batch_j)), repeats)
+    return median_seconds(lambda: jax.block_until_ready(step(params, opt, batch_j)), repeats)
 
 
 def decode_seconds(cfg: ModelConfig, input_len: int, batch: int, new_tokens: int,
@@ -181,7 +169,7 @@ def decode_seconds(cfg: ModelConfig, input_len: int, batch: int, new_tokens: int
     def run(n: int) -> None:
         gen.generate_ids(rows, DecodeConfig(method="greedy", max_decode_len=n, eos_id=-1))
 
-    return _timed(lambda: run(1), repeats), _timed(lambda: run(new_tokens), repeats)
+    return median_seconds(lambda: run(1), repeats), median_seconds(lambda: run(new_tokens), repeats)
 
 
 def machine() -> str:
