@@ -46,8 +46,8 @@ finetune-demo: $(STAMP)
 ## t5lite train step (T5 v1.1-small, batch 8, 512/114, float32 and bfloat16, MFU vs the measured
 ## matmul peak), t5lite vs transformers (AdamW steps and greedy decoding, same run), t5lite vs a
 ## plain JAX T5 (same run), input pipeline throughput, the attention cores (blocked vs whole-tensor
-## einsum vs xla, and the whole model with and without blocks). JSON results go to
-## benchmarks/results/.
+## einsum vs xla, and the whole model with and without blocks), decoding with cross K/V vs absorbed
+## cross-attention. JSON results go to benchmarks/results/.
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=float32
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=bfloat16
@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/plain_jax_t5.py --rounds=3
 	$(PY) benchmarks/data_throughput.py --cases=demo_span_corruption:512:114
 	$(PY) benchmarks/attention_impl.py --model_rounds=3 --out=benchmarks/results/attention_impl.json
+	$(PY) benchmarks/cross_attention_ab.py --dtype=float32
+	$(PY) benchmarks/cross_attention_ab.py --dtype=bfloat16
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
