@@ -130,10 +130,18 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
 
             # every gs:// path given: credentials, endpoint and bucket checked in bounded time
             storage.check_remote_args(args + gin_bindings)
+            cache_dir = (verb_flags["compilation_cache_dir"].value
+                         if "compilation_cache_dir" in verb_flags else None)
+            if cache_dir:
+                from t5lite import compile_cache
+
+                compile_cache.enable(cache_dir)
             if takes_gin:
                 module.main(gin_bindings)
             else:
                 module.main()
+            if cache_dir:
+                print(f"t5lite {verb}: {compile_cache.summary()}", file=sys.stderr)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(exit_status(e))
@@ -159,6 +167,8 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], verb_flags[name])
         app.run(run, argv=[prog] + args, flags_parser=partial(_parse_flags, prog))
     finally:
+        if "t5lite.compile_cache" in sys.modules:  # a later verb in this process starts clean
+            sys.modules["t5lite.compile_cache"].disable()
         flags.FLAGS.remove_flag_values(verb_flags)
         for name in verb_flags:
             verb_flags[name].unparse()  # back to the defaults for a later run in this process

@@ -1,8 +1,9 @@
 """A whole run in a bucket, against fake-gcs-server on 127.0.0.1:
 
-`t5lite train --model_dir=gs://bucket/run` -> kill -9 once a checkpoint is committed -> the same
-command resumes -> the final parameters equal an uninterrupted run's bit for bit -> `t5lite
-eval` -> `t5lite infer --input_file=gs://... --output_file=gs://...` -> `t5lite export
+`t5lite train --model_dir=gs://bucket/run --compilation_cache_dir=gs://bucket/xla_cache` ->
+kill -9 once a checkpoint is committed -> the same command resumes, loading its train step from
+the bucket's compilation cache -> the final parameters equal an uninterrupted run's bit for bit
+-> `t5lite eval` -> `t5lite infer --input_file=gs://... --output_file=gs://...` -> `t5lite export
 --output=gs://...`. Every child process gets only STORAGE_EMULATOR_HOST.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,9 +51,15 @@ def gcs():
             storage._fs.cache_clear()
 
 
-def _cli(gcs, repo_root, *args, check=True, **kw):
+def _env(gcs) -> dict[str, str]:
     env = gcs.env()
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny step goes in the cache
+    return env
+
+
+def _cli(gcs, repo_root, *args, check=True, **kw):
+    env = _env(gcs)
     r = subprocess.run([sys.executable, "-m", "t5lite.cli", *args], cwd=repo_root, env=env,
                        capture_output=True, text=True, timeout=900, **kw)
     if check:
@@ -67,10 +75,9 @@ def _committed_steps(run: str) -> list[int]:
 @pytest.mark.slow
 def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     run, straight = "gs://bucket/run", "gs://bucket/straight"
-    env = gcs.env()
-    env["JAX_PLATFORMS"] = "cpu"
+    cache = "--compilation_cache_dir=gs://bucket/xla_cache"
     proc = subprocess.Popen([sys.executable, "-m", "t5lite.cli", "train", *TRAIN_FLAGS,
-                             f"--model_dir={run}"], cwd=repo_root, env=env,
+                             f"--model_dir={run}", cache], cwd=repo_root, env=_env(gcs),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not _committed_steps(run):
@@ -82,8 +89,13 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     killed_at = _committed_steps(run)
     assert killed_at and killed_at[-1] < STEPS, "the run ended before it could be killed"
 
-    resumed = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, f"--model_dir={run}")
+    resumed = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, f"--model_dir={run}", cache)
     assert f"resum" in resumed.stderr + resumed.stdout
+    # the restart loaded the train step the killed process compiled into the bucket
+    loaded = re.search(r"first step \(compile \+ run\).*xla_cache: (\d+) loaded, (\d+) compiled",
+                       resumed.stdout + resumed.stderr)
+    assert loaded and int(loaded.group(1)) >= 1 and loaded.group(2) == "0", resumed.stderr[-2000:]
+    assert storage.glob("gs://bucket/xla_cache/*step*")
     assert _committed_steps(run)[-1] == STEPS
     _cli(gcs, repo_root, "train", *TRAIN_FLAGS, f"--model_dir={straight}")
 

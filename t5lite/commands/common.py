@@ -17,6 +17,8 @@ verb picks the ones it uses with `use_shared_flags`:
   --step            checkpoint step to read (infer, export)
   --seed            random seed (data: example order; infer: sampling)
   --format          output format, text or json (data, infer)
+  --compilation_cache_dir  keep compiled programs there and load them on the next start
+                    (train, eval, infer, teacher-logits; see t5lite.compile_cache)
 
 A verb takes `--gin.NAME=VALUE` bindings exactly when it uses `--gin_file`; its `main` then
 receives them as an argument: `main(gin_bindings)`, otherwise `main()`.
@@ -90,6 +92,14 @@ def _dtype(fv: flags.FlagValues, note: str) -> None:
                       "dir's own (model_config.json `dtype`)" + note, flag_values=fv)
 
 
+def _compilation_cache_dir(fv: flags.FlagValues, note: str) -> None:
+    flags.DEFINE_string(
+        "compilation_cache_dir", None, "persistent compilation cache: compiled programs are "
+        "written to this directory (local or gs://, created if missing) and a later run of the "
+        "same program loads them instead of compiling; share one across hosts and restarts. "
+        "Only programs that took >= 1 s to compile are stored" + note, flag_values=fv)
+
+
 SHARED_FLAGS: dict[str, Callable[[flags.FlagValues, str], None]] = {
     "gin_file": _gin_file,
     "module_import": _module_import,
@@ -98,6 +108,7 @@ SHARED_FLAGS: dict[str, Callable[[flags.FlagValues, str], None]] = {
     "seed": _seed,
     "format": _format,
     "dtype": _dtype,
+    "compilation_cache_dir": _compilation_cache_dir,
 }
 
 

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir", "dtype",
-                        model_dir="the one to evaluate")
+                        "compilation_cache_dir", model_dir="the one to evaluate")
 
 
 def format_report(m: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ from t5lite.errors import UserError
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "model_dir", "step", "seed", "format", "module_import",
-                        "gin_file", "dtype",
+                        "gin_file", "dtype", "compilation_cache_dir",
                         model_dir="written by `t5lite train` or `t5lite import`",
                         seed="for sampling", module_import="for --task_examples")
 # --gin_file (with --gin.NAME=VALUE): for --task_examples of a model fine-tuned on files

@@ -23,7 +23,7 @@ from t5lite.errors import UserError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = common.new_flags()
-common.use_shared_flags(FLAGS, "gin_file", "module_import")
+common.use_shared_flags(FLAGS, "gin_file", "module_import", "compilation_cache_dir")
 flags.DEFINE_string("output_dir", None, "where the logits go (default: TEACHER_LOGITS_DIR)",
                     flag_values=FLAGS)
 flags.DEFINE_integer("steps", None, "how many training steps (global batches) to cover "

@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = common.new_flags()
 common.use_shared_flags(FLAGS, "gin_file", "module_import", "model_dir",
-                        model_dir="written; re-run the command to resume")
+                        "compilation_cache_dir", model_dir="written; re-run the command to resume")
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0",
                     flag_values=FLAGS)
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=FLAGS)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from t5lite import checkpoint, disk, storage
+from t5lite import checkpoint, compile_cache, disk, storage
 from t5lite import model_dir as md
 from t5lite.config import ModelConfig, check_feature_converter
 from t5lite.errors import UserError
@@ -331,7 +331,14 @@ class _Run:
                             f"{self.data_position}); use an infinite stream (num_epochs=None).")
         self.throughput.batch_shape(host_batch)
         batch = host_to_global(host_batch, self.setup.batch_sharding, self.tc.batch_size)
+        first = self.step == self.start_step
+        t0 = time.time()
         self.state, metrics = self.setup.train_step(self.state, batch)
+        if first:  # tracing + compiling (or loading from the compilation cache) + one step
+            jax.block_until_ready(metrics)
+            cache = compile_cache.summary()
+            self.bar.message(f"first step (compile + run): {time.time() - t0:.1f} s"
+                             + (f"; {cache}" if cache else ""))
         self.step += 1
         self.data_position += 1
         self.pending.append((self.step, metrics))
