@@ -69,7 +69,8 @@ def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path):
     r = cli("train", TINY_GIN, f"--model_dir={model_dir}", f"--compilation_cache_dir={not_a_dir}")
     assert r.returncode == 2
     lines = error_lines(r.stderr)
-    assert len(lines) == 1 and "--compilation_cache_dir" in lines[0] and "not a directory" in lines[0]
+    assert len(lines) == 1
+    assert "--compilation_cache_dir" in lines[0] and "not a directory" in lines[0]
     assert not_a_dir.read_text() == "keep me" and dir_digest(str(model_dir)) == {}
 
 
