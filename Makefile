@@ -42,7 +42,7 @@ finetune-demo: $(STAMP)
 		--gin.VOCABULARY=tasks/t5lite_tasks/demo/data/demo_8k.model --model_dir=$(FINETUNE_DIR)/scratch
 	$(PY) tasks/t5lite_tasks/demo/title_task.py compare $(FINETUNE_DIR)/pretrained $(FINETUNE_DIR)/scratch
 
-## make bench: the CPU benchmarks of the README "Performance" table (~35 minutes on 2 cores):
+## make bench: the CPU benchmarks of the README "Performance" table (~40 minutes on 2 cores):
 ## t5lite train step (T5 v1.1-small, batch 8, 512/114, float32 and bfloat16, MFU vs the measured
 ## matmul peak), t5lite vs transformers (AdamW steps and greedy decoding, same run), t5lite vs a
 ## plain JAX T5 (same run), input pipeline throughput, the attention cores (blocked vs whole-tensor
@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention_impl.py --model_rounds=3 --out=benchmarks/results/attention_impl.json
 	$(PY) benchmarks/cross_attention_ab.py --dtype=float32
 	$(PY) benchmarks/cross_attention_ab.py --dtype=bfloat16
+	$(PY) benchmarks/compile_cache.py --model=t5_1_1_small
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -63,6 +63,9 @@ STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-3}
 TIME_BUDGET=${TIME_BUDGET:-400}
 RUN_TIMEOUT=${RUN_TIMEOUT:-170}
+# every run keeps its compiled programs here: a rerun of the script on the same machine (e.g. after
+# a run hit RUN_TIMEOUT) loads them instead of compiling again (t5lite/compile_cache.py)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/t5lite-xla-cache}
 INPUTS=512
 TARGETS=114
 USER_RUNS=${RUNS:-}

@@ -295,3 +295,22 @@ def test_attention_benchmark_times_the_torch_reference(tmp_path):
     assert [(r["dtype"], r["core"]) for r in rows] == [("float32", "torch_sdpa"),
                                                        ("bfloat16", "torch_sdpa")]
     assert all(r["forward_s"] > 0 and r["forward_backward_s"] > r["forward_s"] for r in rows)
+
+
+def test_compile_cache_benchmark_compiles_cold_and_loads_warm(tmp_path, monkeypatch):
+    import compile_cache as bench
+
+    assert bench.variant_bindings("unrolled") == ["ModelConfig.scan_layers=False"]
+    assert bench.variant_bindings("unroll3") == ["ModelConfig.scan_unroll=3"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench.variant_bindings("unrolld")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    out = tmp_path / "cc.json"
+    result = bench.main(["--model=t5_1_1_tiny", "--variants=unrolled", "--batch_size=8",
+                         "--inputs_length=16", "--targets_length=8", "--steps=1",
+                         f"--out={out}"])
+    cold, warm = result["rows"]["unrolled"]["cold"], result["rows"]["unrolled"]["warm"]
+    assert cold["loaded"] == 0 and cold["compiled"] >= 1
+    assert warm["loaded"] >= 1 and warm["compiled"] == 0
+    assert cold["loss"] == warm["loss"] and math.isfinite(cold["loss"])
+    assert json.loads(out.read_text())["machine"]["cpu_model"]
