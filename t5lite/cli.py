@@ -140,7 +140,7 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
                 module.main(gin_bindings)
             else:
                 module.main()
-            if cache_dir:
+            if cache_dir and compile_cache.is_first_process():
                 print(f"t5lite {verb}: {compile_cache.summary()}", file=sys.stderr)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,12 @@ program loads it:
     ...                                        # jit / compile as usual
     compile_cache.summary()                    # 'compilation cache /tmp/xla_cache: 1 loaded, ...'
 
+Several processes (multi-host): JAX writes entries from process 0 only, and each process looks
+its programs up under a key that includes the devices it compiles for (on TPU, the slice's
+topology fingerprint, meant to be the same on every host; not verified here, no TPU). In a
+multi-process CPU rehearsal (launch/local_multiprocess.sh) the keys differ per process, so there
+only process 0 loads; the others compile as before.
+
 Only programs that took at least `min_compile_seconds` to compile are written (JAX's default of
 1 s, or JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS: small helper programs are cheaper to compile
 than to fetch). A cache is trusted code:
@@ -121,6 +127,13 @@ def counts() -> dict[str, int]:
         return {"loaded": _counts[_HITS], "compiled": _counts[_MISSES]}
 
 
+def is_first_process() -> bool:
+    """Whether this is process 0 of the job: the one that writes the cache and reports on it."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def summary() -> str:
     """One line for logs, e.g. 'compilation cache gs://b/xla: 2 loaded, 1 compiled'; '' when
     the cache is off."""
@@ -130,4 +143,4 @@ def summary() -> str:
     return f"compilation cache {_directory}: {c['loaded']} loaded, {c['compiled']} compiled"
 
 
-__all__ = ["counts", "directory", "disable", "enable", "summary"]
+__all__ = ["counts", "directory", "disable", "enable", "is_first_process", "summary"]
