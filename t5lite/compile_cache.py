@@ -91,6 +91,7 @@ def enable(directory: str, *, min_compile_seconds: float | None = None) -> str:
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           float(min_compile_seconds))
     jax_cache.reset_cache()  # a directory set earlier in this process must not linger
+    jax.config.update("jax_enable_compilation_cache", True)  # `t5lite plan` switches it off
     jax_cache.set_cache_dir(path)
     with _lock:
         for key in _counts:

@@ -395,9 +395,15 @@ def test_cli_without_libtpu_says_how_to_install(repo_root, tmp_path):
 
 @needs_libtpu
 def test_cli_real_tpu_topology_v5e_2x2(repo_root, tmp_path):
+    # a compilation cache set for the other verbs: JAX could write compile-only TPU programs
+    # there but not load them again (a warning each time), so the planner leaves it alone
+    cache = tmp_path / "xla_cache"
     out = _plan(repo_root, tmp_path, "--topology=v5e:2x2", "--partitioning=fsdp",
-                "--format=json")
+                "--format=json", env_extra={"JAX_COMPILATION_CACHE_DIR": str(cache),
+                                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert out.returncode == 0, out.stderr
+    assert not cache.exists() or not os.listdir(cache)
+    assert "persistent compilation cache" not in out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["device_kind"] == "TPU v5 lite" and row["num_devices"] == 4
     assert not row["approximate"] and row["fits"] is True

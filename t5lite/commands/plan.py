@@ -102,6 +102,12 @@ def main(gin_bindings: Sequence[str]) -> None:
         raise UserError(topologies.INSTALL_HINT)
     if not topo.is_tpu:
         topologies.prepare_cpu_devices(topo.num_devices)
+    import jax
+
+    # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR set for the other verbs) cannot
+    # serve the planner: JAX writes compile-only TPU executables but cannot load them without a
+    # TPU client (a warning, then a full compile), so the planner neither reads nor fills it.
+    jax.config.update("jax_enable_compilation_cache", False)
     if not FLAGS.gin_file:
         raise UserError("--gin_file is required: a model and a run config, e.g. "
                         "--gin_file=gin/models/t5_1_1/xxl.gin --gin_file=gin/runs/pretrain.gin")
