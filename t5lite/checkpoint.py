@@ -129,17 +129,18 @@ class DataStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
     """Orbax handler of the `data` item: every process writes its own `DataState` files
     (`shard-I-of-N.pP.json` plus the state's files), so a save is cooperative across hosts."""
 
+    # The item's directory is an `epath.Path`, local or gs://: reach it through t5lite.storage
+    # (`os` functions would put a gs:// path in a local directory named "gs:").
     async def _write(self, directory: epath.Path, state: DataState) -> None:
         stem = f"shard-{state.shard_index}-of-{state.shard_count}.p{jax.process_index()}"
         base = os.fspath(directory)
-        os.makedirs(base, exist_ok=True)
+        storage.makedirs(base)
         for name, payload in state.files.items():
-            with open(os.path.join(base, f"{stem}.{name}"), "wb") as f:
-                f.write(payload)
+            storage.write_atomic(storage.join(base, f"{stem}.{name}"), payload)
         meta = {"position": state.position, "local_batch_size": state.local_batch_size,
                 "files": sorted(state.files)}
-        with open(os.path.join(base, f"{stem}.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
+        # last: it names the files, and restore looks for it
+        storage.write_atomic(storage.join(base, f"{stem}.json"), json.dumps(meta))
 
     async def async_save(self, directory: epath.Path, args: "DataStateSave"):
         from orbax.checkpoint import future
@@ -155,7 +156,7 @@ class DataStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
     def restore(self, directory: epath.Path, args: "DataStateRestore") -> DataState:
         base = os.fspath(directory)
         saved = {}
-        for name in os.listdir(base):
+        for name in storage.listdir(base):
             m = _DATA_META.match(name)
             if m:
                 saved.setdefault((int(m[1]), int(m[2])), []).append((int(m[3]), name))
@@ -164,20 +165,17 @@ class DataStateHandler(async_checkpoint_handler.AsyncCheckpointHandler):
             counts = sorted({n for _, n in saved})
             have = "/".join(map(str, counts)) or "0"
             raise DataStateMismatch(
-                f"checkpoint {os.path.dirname(base)} holds the input positions of {have} "
+                f"checkpoint {storage.dirname(base)} holds the input positions of {have} "
                 f"data shard(s) (hosts reading different data) but this run "
                 f"reads {args.shard_count}; the data cannot continue exactly. Resume with the "
                 "mesh and number of hosts it was written with, or start a new --model_dir with "
                 "TrainConfig.init_from pointing at this one.")
         me = jax.process_index()
         _, name = min(saved[key], key=lambda pn: (pn[0] != me, pn[0]))
-        with open(os.path.join(base, name), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(storage.join(base, name)))
         stem = name[:-len(".json")]
-        files = {}
-        for fname in meta["files"]:
-            with open(os.path.join(base, f"{stem}.{fname}"), "rb") as f:
-                files[fname] = f.read()
+        files = {fname: storage.read_bytes(storage.join(base, f"{stem}.{fname}"))
+                 for fname in meta["files"]}
         return DataState(args.shard_index, args.shard_count, int(meta["local_batch_size"]),
                          int(meta["position"]), files)
 
@@ -207,14 +205,14 @@ class DataStateRestore(ocp_args.CheckpointArgs):
 def data_state_shards(model_dir: str, step: int) -> list[tuple[int, int, int]]:
     """(shard index, shard count, local batch size) of each input position saved with `step`;
     empty when the checkpoint has none. Reads only small JSON files."""
-    base = os.path.join(_resolve_dir(model_dir), str(step), "data")
-    if not os.path.isdir(base):
+    base = storage.join(_resolve_dir(model_dir), str(step), "data")
+    if not storage.isdir(base):
         return []
     out = []
-    for name in sorted(os.listdir(base)):
+    for name in sorted(storage.listdir(base)):
         m = _DATA_META.match(name)
         if m:
-            size = int(read_json_file(os.path.join(base, name))["local_batch_size"])
+            size = int(json.loads(storage.read_text(storage.join(base, name)))["local_batch_size"])
             out.append((int(m[1]), int(m[2]), size))
     return out
 
@@ -424,7 +422,7 @@ class TrainCheckpointer:
         """This host's saved input position at `step` (None: the checkpoint has none, e.g. the
         data source cannot save one). `DataStateMismatch` when it was written for another
         number of data shards."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        if not storage.isdir(storage.join(self.directory, str(step), "data")):
             return None
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             data=DataStateRestore(shard_index, shard_count)))

@@ -75,6 +75,8 @@ def _committed_steps(run: str) -> list[int]:
 @pytest.mark.slow
 def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     run, straight = "gs://bucket/run", "gs://bucket/straight"
+    local_gs = os.path.join(repo_root, "gs:")  # where a gs:// path given to `os` would land
+    assert not os.path.exists(local_gs), "remove the stray local directory gs: first"
     cache = "--compilation_cache_dir=gs://bucket/xla_cache"
     proc = subprocess.Popen([sys.executable, "-m", "t5lite.cli", "train", *TRAIN_FLAGS,
                              f"--model_dir={run}", cache], cwd=repo_root, env=_env(gcs),
@@ -91,6 +93,9 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
 
     resumed = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, f"--model_dir={run}", cache)
     assert f"resum" in resumed.stderr + resumed.stdout
+    # the input position was saved in the bucket and the restart continued from it, no replay
+    assert storage.glob(f"{run}/checkpoints/*/data/shard-0-of-1.p0.json")
+    assert "restored the input stream at batch" in resumed.stderr, resumed.stderr[-3000:]
     # the restart loaded the train step the killed process compiled into the bucket
     loaded = re.search(r"first step \(compile \+ run\).*xla_cache: (\d+) loaded, (\d+) compiled",
                        resumed.stdout + resumed.stderr)
@@ -129,3 +134,4 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     again = _cli(gcs, repo_root, "export", f"--model_dir={run}",
                  "--output=gs://bucket/export/run", check=False)
     assert again.returncode == 2 and "already holds a model" in again.stderr
+    assert not os.path.exists(local_gs), "a gs:// path was written to the local disk"
