@@ -134,4 +134,11 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     again = _cli(gcs, repo_root, "export", f"--model_dir={run}",
                  "--output=gs://bucket/export/run", check=False)
     assert again.returncode == 2 and "already holds a model" in again.stderr
+
+    # fine-tuning from a model dir in the bucket
+    tuned = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, "--gin.TRAIN_STEPS=2",
+                 "--gin.ScheduleConfig.warmup_steps=0",
+                 "--model_dir=gs://bucket/tuned", f"--gin.INIT_FROM='{run}'")
+    assert f"taking the parameters of step {STEPS} from init_from={run}" in (
+        tuned.stdout + tuned.stderr), tuned.stderr[-3000:]
     assert not os.path.exists(local_gs), "a gs:// path was written to the local disk"

@@ -15,8 +15,7 @@ A checkpoint dir without model_config.json is checked parameter by parameter ins
 
 from __future__ import annotations
 
-import os
-
+from t5lite import storage
 from t5lite.config import ModelConfig
 from t5lite.errors import UserError
 
@@ -31,8 +30,8 @@ def check_init_from_config(init_from: str, model_config: ModelConfig) -> None:
     """Raise `UserError` naming the first shape-deciding ModelConfig field that differs."""
     from t5lite.model_dir import MODEL_CONFIG_FILE, read_model_config
 
-    if not os.path.exists(os.path.join(init_from, MODEL_CONFIG_FILE)):
-        if not os.path.exists(init_from):
+    if not storage.exists(storage.join(init_from, MODEL_CONFIG_FILE)):
+        if not (storage.exists(init_from) or storage.isdir(init_from)):
             raise UserError(f"INIT_FROM={init_from} does not exist; give the model dir of a "
                             "trained (`t5lite train`) or imported (`t5lite import`) model.")
         return  # a bare checkpoint dir: the per-parameter shape check applies

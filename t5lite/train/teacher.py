@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5lite import checkpoint, model_dir as md
+from t5lite import checkpoint, storage
+from t5lite import model_dir as md
 from t5lite.config import ModelConfig
 from t5lite.errors import ConfigError, UserError
 from t5lite.models import build_model, param_logical_axes
@@ -59,7 +59,7 @@ class Teacher:
 
 def read_teacher_config(teacher_model_dir: str, dtype: str | None = None) -> ModelConfig:
     """The teacher's ModelConfig from its model_config.json (compute dtype overridden)."""
-    if not os.path.isdir(teacher_model_dir):
+    if not storage.isdir(teacher_model_dir):
         raise UserError(f"TEACHER_MODEL_DIR={teacher_model_dir!r} is not a directory; give a "
                         "t5lite model dir written by `t5lite train` or `t5lite import`.")
     cfg = md.read_model_config(teacher_model_dir)
@@ -87,20 +87,19 @@ def check_teacher_config(teacher: ModelConfig, student: ModelConfig,
 
 
 def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def check_teacher_vocabulary(teacher_model_dir: str, student_vocabulary: str,
                              student_extra_ids: int) -> None:
     """Refuse a teacher whose SentencePiece model (by content) or extra ids differ."""
     info = md.read_run_info(teacher_model_dir)
-    if not info.vocabulary or not os.path.exists(info.vocabulary):
+    if not info.vocabulary or not storage.exists(info.vocabulary):
         raise UserError(f"the teacher's vocabulary {info.vocabulary!r} (run_info.json of "
                         f"{teacher_model_dir}) is not found; distillation must check that "
                         "teacher and student use the same SentencePiece model. Fix the path in "
                         "run_info.json.")
-    if not student_vocabulary or not os.path.exists(student_vocabulary):
+    if not student_vocabulary or not storage.exists(student_vocabulary):
         raise UserError(f"the student's vocabulary {student_vocabulary!r} is not found; "
                         "distillation needs a SentencePiece vocabulary to compare.")
     if _digest(info.vocabulary) != _digest(student_vocabulary):
