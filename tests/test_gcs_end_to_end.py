@@ -135,10 +135,14 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
                  "--output=gs://bucket/export/run", check=False)
     assert again.returncode == 2 and "already holds a model" in again.stderr
 
-    # fine-tuning from a model dir in the bucket
-    tuned = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, "--gin.TRAIN_STEPS=2",
-                 "--gin.ScheduleConfig.warmup_steps=0",
-                 "--model_dir=gs://bucket/tuned", f"--gin.INIT_FROM='{run}'")
-    assert f"taking the parameters of step {STEPS} from init_from={run}" in (
-        tuned.stdout + tuned.stderr), tuned.stderr[-3000:]
+    # fine-tuning from a model dir in the bucket, distilled from a teacher in the bucket
+    tuned = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, "--gin_file=gin/runs/distill.gin",
+                 "--gin.TRAIN_STEPS=2", "--gin.ScheduleConfig.warmup_steps=0",
+                 "--model_dir=gs://bucket/tuned", f"--gin.INIT_FROM='{run}'",
+                 f"--gin.TEACHER_MODEL_DIR='{straight}'")
+    out = tuned.stdout + tuned.stderr
+    assert f"taking the parameters of step {STEPS} from init_from={run}" in out, out[-3000:]
+    logged = [r for r in map(json.loads, storage.read_lines("gs://bucket/tuned/metrics.jsonl"))
+              if r["split"] == "train"]
+    assert logged and logged[-1]["kd_loss"] > 0 and logged[-1]["teacher_ce"] > 0, logged
     assert not os.path.exists(local_gs), "a gs:// path was written to the local disk"
