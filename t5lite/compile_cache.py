@@ -24,9 +24,9 @@ only process 0 loads; the others compile as before.
 
 Only programs that took at least `min_compile_seconds` to compile are written (JAX's default of
 1 s, or JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS: small helper programs are cheaper to compile
-than to fetch). A cache is trusted code:
-anyone who can write to the directory can make the job run what they wrote, so keep it in a
-bucket or directory only the job's own account can write.
+than to fetch). A cache is trusted code: anyone who can write to the directory can make the
+job run what they wrote, so keep it in a bucket or directory only the job's own account can
+write.
 """
 
 from __future__ import annotations
