@@ -4,7 +4,9 @@
 kill -9 once a checkpoint is committed -> the same command resumes, loading its train step from
 the bucket's compilation cache -> the final parameters equal an uninterrupted run's bit for bit
 -> `t5lite eval` -> `t5lite infer --input_file=gs://... --output_file=gs://...` -> `t5lite export
---output=gs://...`. Every child process gets only STORAGE_EMULATOR_HOST.
+--output=gs://...` -> fine-tuning from the bucket (INIT_FROM) distilled from a teacher in the
+bucket -> offline teacher logits written to and read from the bucket. Every child process gets
+only STORAGE_EMULATOR_HOST, and nothing may land on the local disk.
 """
 
 from __future__ import annotations
@@ -145,4 +147,18 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
     logged = [r for r in map(json.loads, storage.read_lines("gs://bucket/tuned/metrics.jsonl"))
               if r["split"] == "train"]
     assert logged and logged[-1]["kd_loss"] > 0 and logged[-1]["teacher_ce"] > 0, logged
+
+    # an offline teacher: its top-k logits written to the bucket, then read back in training
+    distill = [*TRAIN_FLAGS, "--gin_file=gin/runs/distill.gin", "--gin.TRAIN_STEPS=2",
+               "--gin.ScheduleConfig.warmup_steps=0", f"--gin.TEACHER_MODEL_DIR='{straight}'"]
+    wrote = _cli(gcs, repo_root, "teacher-logits", *distill, "--top_k=8",
+                 "--output_dir=gs://bucket/logits")
+    assert "MB per 1k steps" in wrote.stdout, wrote.stdout + wrote.stderr[-2000:]
+    assert storage.exists("gs://bucket/logits/meta.json")
+    assert len(storage.glob("gs://bucket/logits/shard-*/step-*.npz")) == 2
+    _cli(gcs, repo_root, "train", *distill, "--model_dir=gs://bucket/offline",
+         "--gin.TEACHER_LOGITS_DIR='gs://bucket/logits'")
+    offline = [r for r in map(json.loads, storage.read_lines("gs://bucket/offline/metrics.jsonl"))
+               if r["split"] == "train"]
+    assert offline and offline[-1]["kd_loss"] > 0 and offline[-1]["teacher_ce"] > 0, offline
     assert not os.path.exists(local_gs), "a gs:// path was written to the local disk"

@@ -16,8 +16,10 @@ Layout::
         step-00000001.npz            topk_ids uint16|int32 [rows, targets, k],
         ...                          target_logp float32 [rows, targets]
 
-Each step file is written to a temporary name and renamed, so an interrupted writer leaves only
-complete files and a restart continues at the first missing step (resumable).
+LOGITS_DIR may be local or `gs://` (every file goes through `t5lite.storage`). Each step file
+is written whole (a temporary name renamed on a local disk, one upload to a bucket), so an
+interrupted writer leaves only complete files and a restart continues at the first missing step
+(resumable).
 
 Example::
 
@@ -30,13 +32,14 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from t5lite import storage
 from t5lite.errors import UserError
 from t5lite.parallel.hosts import DataShard
 from t5lite.train.distill import TARGET_LOGP, TOPK_IDS, TOPK_LOGITS
@@ -45,11 +48,11 @@ META_FILE = "meta.json"
 
 
 def shard_dir(root: str, shard: DataShard) -> str:
-    return os.path.join(root, f"shard-{shard.index:05d}-of-{shard.count:05d}")
+    return storage.join(root, f"shard-{shard.index:05d}-of-{shard.count:05d}")
 
 
 def step_file(root: str, shard: DataShard, position: int) -> str:
-    return os.path.join(shard_dir(root, shard), f"step-{position:08d}.npz")
+    return storage.join(shard_dir(root, shard), f"step-{position:08d}.npz")
 
 
 def stream_meta(data_config: Any, batch_size: int, teacher_model_dir: str,
@@ -59,16 +62,15 @@ def stream_meta(data_config: Any, batch_size: int, teacher_model_dir: str,
             "task_feature_lengths": dict(data_config.task_feature_lengths),
             "seed": data_config.seed, "pack": bool(data_config.pack),
             "shuffle": bool(data_config.shuffle), "batch_size": int(batch_size),
-            "teacher_model_dir": os.path.abspath(teacher_model_dir), "top_k": int(top_k)}
+            "teacher_model_dir": storage.abspath(teacher_model_dir), "top_k": int(top_k)}
 
 
 def read_meta(root: str) -> dict:
-    path = os.path.join(root, META_FILE)
-    if not os.path.exists(path):
+    path = storage.join(root, META_FILE)
+    if not storage.exists(path):
         raise UserError(f"{path} not found: {root} holds no teacher logits; write them with "
                         "`t5lite teacher-logits`.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def check_meta(root: str, expected: dict) -> dict:
@@ -86,42 +88,40 @@ def check_meta(root: str, expected: dict) -> dict:
 
 
 def write_meta(root: str, meta: dict) -> None:
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, META_FILE)
-    if os.path.exists(path):
+    storage.makedirs(root)
+    path = storage.join(root, META_FILE)
+    if storage.exists(path):
         check_meta(root, meta)
         if read_meta(root).get("top_k") != meta["top_k"]:
             raise UserError(f"{root} holds top-{read_meta(root)['top_k']} logits; use the same "
                             f"--top_k or another --output_dir (asked for {meta['top_k']}).")
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def save_step(root: str, shard: DataShard, position: int, topk_logits: np.ndarray,
               topk_ids: np.ndarray, target_logp: np.ndarray) -> int:
     """Write one step's arrays atomically; returns the bytes written."""
     path = step_file(root, shard, position)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(storage.dirname(path))
     ids_dtype = np.uint16 if int(topk_ids.max(initial=0)) < 65536 else np.int32
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, topk_logits=np.asarray(topk_logits, np.float16),
+    buffer = io.BytesIO()
+    np.savez(buffer, topk_logits=np.asarray(topk_logits, np.float16),
              topk_ids=np.asarray(topk_ids).astype(ids_dtype),
              target_logp=np.asarray(target_logp, np.float32))
-    os.replace(tmp, path)
-    return os.path.getsize(path)
+    payload = buffer.getvalue()
+    storage.write_atomic(path, payload)
+    return len(payload)
 
 
 def load_step(root: str, shard: DataShard, position: int) -> dict[str, np.ndarray]:
     path = step_file(root, shard, position)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise UserError(f"no teacher logits for data position {position} ({path}); the "
                         f"offline logits in {root} cover fewer steps than this run trains. "
                         "Write more with `t5lite teacher-logits --steps=N` (it continues where "
                         "it stopped) or lower TRAIN_STEPS.")
-    with np.load(path) as z:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as z:
         return {TOPK_LOGITS: z["topk_logits"].astype(np.float32),
                 TOPK_IDS: z["topk_ids"].astype(np.int32),
                 TARGET_LOGP: z["target_logp"]}
@@ -189,7 +189,7 @@ def write_teacher_logits(distill: Any, student: Any, train_config: Any, data: An
     write_meta(output_dir, stream_meta(data_config, train_config.batch_size,
                                        distill.teacher_model_dir, top_k))
     start = 0
-    while start < steps and os.path.exists(step_file(output_dir, shard, start)):
+    while start < steps and storage.exists(step_file(output_dir, shard, start)):
         start += 1
     stats = {"first_step": start, "steps": steps, "bytes": 0, "seconds": 0.0, "written": 0}
     if start >= steps:
