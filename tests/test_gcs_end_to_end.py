@@ -137,6 +137,20 @@ def test_train_kill_resume_eval_infer_export_in_a_bucket(gcs, repo_root):
                  "--output=gs://bucket/export/run", check=False)
     assert again.returncode == 2 and "already holds a model" in again.stderr
 
+    # a restart with another architecture is refused before anything is written
+    changed = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, "--gin.ModelConfig.d_ff=128",
+                   f"--model_dir={run}", check=False)
+    assert changed.returncode == 2 and "holds a checkpoint of another architecture" in \
+        changed.stderr, changed.stderr[-2000:]
+    assert _committed_steps(run)[-1] == STEPS
+
+    # int8 weights: quantized from the bucket into the bucket, then decoded from there
+    _cli(gcs, repo_root, "quantize", f"--model_dir={run}", "--output=gs://bucket/int8")
+    assert storage.exists("gs://bucket/int8/quantization.json")
+    quantized = _cli(gcs, repo_root, "infer", "--model_dir=gs://bucket/int8", "--input=A b c",
+                     "--max_decode_len=4", "--format=json")
+    assert json.loads(quantized.stdout.strip().splitlines()[-1])["output"] is not None
+
     # fine-tuning from a model dir in the bucket, distilled from a teacher in the bucket
     tuned = _cli(gcs, repo_root, "train", *TRAIN_FLAGS, "--gin_file=gin/runs/distill.gin",
                  "--gin.TRAIN_STEPS=2", "--gin.ScheduleConfig.warmup_steps=0",

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -249,22 +248,21 @@ def cast_cross_kv(cross: dict, dtype: str) -> dict:
 # ------------------------------------------------------------------------ quantized model dirs
 def write_quant_info(model_dir: str, config: QuantConfig, **extra: Any) -> None:
     payload = {"format": FORMAT_VERSION, **dataclasses.asdict(config.resolved()), **extra}
-    path = os.path.join(model_dir, QUANT_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from t5lite import storage
+
+    storage.write_atomic(storage.join(model_dir, QUANT_FILE),
+                         json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def read_quant_info(model_dir: str) -> QuantConfig | None:
     """The QuantConfig of a quantized model dir (written by `t5lite quantize`), else None."""
-    path = os.path.join(model_dir, QUANT_FILE)
-    if not os.path.exists(path):
+    from t5lite import storage
+
+    path = storage.join(model_dir, QUANT_FILE)
+    if not storage.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
+        payload = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); re-run `t5lite quantize`.")
     if payload.get("format") != FORMAT_VERSION:

@@ -14,13 +14,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
+import posixpath
 
 import jax
 import numpy as np
 from flax import nnx
 
+from t5lite import storage
 from t5lite.errors import UserError
 from t5lite.models.quant import QuantConfig, quantize_model, read_quant_info, write_quant_info
 
@@ -38,19 +38,19 @@ def quantize_model_dir(src: str, dst: str, config: QuantConfig, step: int | None
     from t5lite.model_dir import (read_model_config, read_run_info, write_model_config,
                                   write_run_info)
 
-    if not os.path.isdir(src):
+    if not storage.isdir(src):
         raise UserError(f"--model_dir {src!r} does not exist.")
     if read_quant_info(src) is not None:
         raise UserError(f"{src} is already quantized ({src}/quantization.json); quantize the "
                         "float model dir it came from.")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if storage.abspath(src) == storage.abspath(dst):
         raise UserError("--output must differ from --model_dir (the float model is kept).")
-    if os.path.exists(os.path.join(dst, "model_config.json")) or \
+    if storage.exists(storage.join(dst, "model_config.json")) or \
             checkpoint.latest_step(dst) is not None:
         raise UserError(f"--output {dst!r} already holds a model; choose a new directory.")
     cfg = read_model_config(src)
     info = read_run_info(src)
-    if not os.path.exists(info.vocabulary):
+    if not storage.exists(info.vocabulary):
         raise UserError(f"the vocabulary {info.vocabulary} of {src} is missing; the quantized "
                         "dir needs a copy of it.")
     model, found = load_model(src, step=step, config=cfg)
@@ -60,15 +60,16 @@ def quantize_model_dir(src: str, dst: str, config: QuantConfig, step: int | None
     quantize_model(model, config)
     params = nnx.state(model, nnx.Param)
     after = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
-    os.makedirs(dst, exist_ok=True)
-    vocab_name = os.path.basename(info.vocabulary)
-    shutil.copyfile(info.vocabulary, os.path.join(dst, vocab_name))
-    vocab_extra = os.path.splitext(info.vocabulary)[0] + ".vocab"
-    if os.path.exists(vocab_extra):
-        shutil.copyfile(vocab_extra, os.path.join(dst, os.path.basename(vocab_extra)))
+    storage.makedirs(dst)
+    vocab_name = posixpath.basename(info.vocabulary)
+    storage.write_atomic(storage.join(dst, vocab_name), storage.read_bytes(info.vocabulary))
+    vocab_extra = posixpath.splitext(info.vocabulary)[0] + ".vocab"
+    if storage.exists(vocab_extra):
+        storage.write_atomic(storage.join(dst, posixpath.basename(vocab_extra)),
+                             storage.read_bytes(vocab_extra))
     checkpoint.save_params(dst, params, step=found)
     write_model_config(dst, cfg)
     write_run_info(dst, dataclasses.replace(info, vocabulary=vocab_name))
-    write_quant_info(dst, config, source=os.path.abspath(src), source_step=int(found))
+    write_quant_info(dst, config, source=storage.abspath(src), source_step=int(found))
     return {"step": int(found), "quantized_weights": len(after - before),
             "float_mb": float_bytes / 1e6, "int8_mb": _nbytes(params) / 1e6}

@@ -23,7 +23,6 @@ The architecture / feature-converter pairing is checked by `t5lite.config.check_
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from t5lite.errors import ConfigError, UserError
@@ -60,15 +59,15 @@ def config_changes(saved: Any, wanted: Any) -> list[str]:
 def check_model_dir(model_dir: str, model_config: Any) -> None:
     """Refuse a model dir whose run files are unreadable, or whose checkpoint was trained with
     another architecture (read only; nothing is written)."""
-    from t5lite import checkpoint
+    from t5lite import checkpoint, storage
     from t5lite import model_dir as md
 
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    if storage.isfile(model_dir):
         raise UserError(f"--model_dir={model_dir} exists and is not a directory.")
-    if os.path.exists(os.path.join(model_dir, md.RUN_INFO_FILE)):
+    if storage.exists(storage.join(model_dir, md.RUN_INFO_FILE)):
         md.read_run_info(model_dir)  # UserError naming the file and the bad keys
-    config_path = os.path.join(model_dir, md.MODEL_CONFIG_FILE)
-    if not os.path.exists(config_path) or checkpoint.latest_step(model_dir) is None:
+    config_path = storage.join(model_dir, md.MODEL_CONFIG_FILE)
+    if not storage.exists(config_path) or checkpoint.latest_step(model_dir) is None:
         return
     saved = md.read_model_config(model_dir)
     changes = config_changes(saved, model_config)
