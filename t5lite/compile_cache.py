@@ -81,9 +81,8 @@ def enable(directory: str, *, min_compile_seconds: float | None = None) -> str:
 
     if min_compile_seconds is not None and min_compile_seconds < 0:
         raise UserError(f"min_compile_seconds must be >= 0, not {min_compile_seconds}.")
-    if storage.is_remote(directory):
-        storage.configure()  # JAX reaches gs:// through etils.epath -> gcsfs
-        path = directory.rstrip("/")
+    if storage.is_remote(directory):  # JAX reaches it through etils.epath -> gcsfs, which
+        path = directory.rstrip("/")     # t5lite.storage configured when it was imported
     else:
         path = os.path.abspath(os.path.expanduser(directory))
         _check_local(path)

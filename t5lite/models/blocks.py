@@ -150,8 +150,8 @@ class Layer(nnx.Module):
     def cross_absorbed_weights(self) -> tuple[Any, Any]:
         """The cross-attention k / v kernels as `AbsorbedCross` reads them (once per request):
         wk [kv_heads, head_dim, embed], wv [kv_heads, embed, head_dim], in the compute dtype,
-        or int8 `QTensor`s rearranged the same way (their scales move along: wk's, over the
-        axis the absorbed dot contracts, in `AbsorbedCross.k_scale`)."""
+        or int8 `QTensor`s rearranged the same way (their scales move along; wk's lie on the
+        axis the absorbed dot contracts and scale the query first, see `_absorbed_query`)."""
         w = self.cross_attention
         k, v = kernel(w, "k", w.dtype), kernel(w, "v", w.dtype)  # [embed, kv_heads, head_dim]
         return _rearranged(k, (1, 2, 0)), _rearranged(v, (1, 0, 2))

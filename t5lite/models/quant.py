@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5lite import storage
 from t5lite.errors import ConfigError, UserError
 from t5lite.models.matmul import einsum, expand_ellipsis
 from t5lite.models.target import target_backend
@@ -248,16 +249,12 @@ def cast_cross_kv(cross: dict, dtype: str) -> dict:
 # ------------------------------------------------------------------------ quantized model dirs
 def write_quant_info(model_dir: str, config: QuantConfig, **extra: Any) -> None:
     payload = {"format": FORMAT_VERSION, **dataclasses.asdict(config.resolved()), **extra}
-    from t5lite import storage
-
     storage.write_atomic(storage.join(model_dir, QUANT_FILE),
                          json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def read_quant_info(model_dir: str) -> QuantConfig | None:
     """The QuantConfig of a quantized model dir (written by `t5lite quantize`), else None."""
-    from t5lite import storage
-
     path = storage.join(model_dir, QUANT_FILE)
     if not storage.exists(path):
         return None

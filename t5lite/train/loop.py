@@ -334,15 +334,14 @@ class _Run:
         first = self.step == self.start_step
         t0 = time.time()
         self.state, metrics = self.setup.train_step(self.state, batch)
-        if first:  # tracing + compiling (or loading from the compilation cache) + one step
-            jax.block_until_ready(metrics)
-            cache = compile_cache.summary()
-            self.bar.message(f"first step (compile + run): {time.time() - t0:.1f} s"
-                             + (f"; {cache}" if cache else ""))
         self.step += 1
         self.data_position += 1
         self.pending.append((self.step, metrics))
-        self.throughput.stepped(self.step, metrics)
+        self.throughput.stepped(self.step, metrics)  # waits for the first step's result
+        if first:  # tracing + compiling (or loading from the compilation cache) + one step
+            cache = compile_cache.summary()
+            self.bar.message(f"first step (compile + run): {time.time() - t0:.1f} s"
+                             + (f"; {cache}" if cache else ""))
 
     def _fetch_metrics(self) -> None:
         """Fetch pending step metrics (averaged into `train_metrics`); stop on a non-finite
