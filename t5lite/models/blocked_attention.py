@@ -65,13 +65,20 @@ def _probabilities(q, k, bias, mask, groups: int):
 def _block(groups: int, q, k, v, bias, mask):
     """softmax(q k^T + bias, masked) v for one block; q [G*T, H] (the G query heads that share
     kv head k, stacked), k/v [S, H]; bias float32 [G|1, T, S] or None; mask bool [T, S] or None.
-    Returns [G*T, H] in q's dtype. The forward pass multiplies V by the unnormalised
-    exp(logits - max) and divides the [G*T, H] result by the row sums, which saves one pass
-    over the [G*T, S] block (the backward pass uses the normalised probabilities)."""
+    Returns [G*T, H] in q's dtype. The forward pass multiplies V by the unnormalised weights
+    exp(logits - max), cast to v's dtype, and divides the [G*T, H] result by the row sums,
+    which saves one pass over the [G*T, S] block (the backward pass uses the normalised
+    probabilities). The row sums come out of the same dot, through a column of ones appended
+    to V: with bfloat16 V that saves another pass (a float32 reduction beside the bfloat16
+    cast: T5 v1.1-small's encoder self-attention, batch 8 x 512, one layer, 30.5 -> 28.2 ms on
+    a 2-core Intel Xeon VM; float32 unchanged), and it normalises by the sum of the weights
+    actually multiplied."""
     logits, _ = _logits(q, k, bias, mask, groups)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = _dot(weights.astype(v.dtype), v, (1, 0))
-    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).astype(v.dtype)
+    head_dim = v.shape[1]
+    v_ones = jnp.concatenate([v, jnp.ones((v.shape[0], 1), v.dtype)], axis=1)
+    out = _dot(weights, v_ones, (1, 0))
+    return (out[:, :head_dim] / out[:, head_dim:]).astype(q.dtype)
 
 
 def _block_fwd(groups, q, k, v, bias, mask):
