@@ -314,3 +314,19 @@ def test_compile_cache_benchmark_compiles_cold_and_loads_warm(tmp_path, monkeypa
     assert warm["loaded"] >= 1 and warm["compiled"] == 0
     assert cold["loss"] == warm["loss"] and math.isfinite(cold["loss"])
     assert json.loads(out.read_text())["machine"]["cpu_model"]
+
+
+def test_attention_module_ab_compares_against_a_git_revision():
+    """The 'before' module comes from git (HEAD here) and computes the same attention."""
+    from attention_module_ab import compare, module_at
+
+    from t5lite.models.blocked_attention import blocked_attention_core
+
+    old = module_at("HEAD").blocked_attention_core
+    result = compare(old, blocked_attention_core, batch=2, length=8, heads=2, head_dim=4,
+                     repeats=2)
+    for name in ("float32", "bfloat16"):
+        r = result[name]
+        assert len(r["before_times_s"]) == len(r["after_times_s"]) == 2
+        assert r["before_s"] > 0 and r["after_s"] > 0
+        assert r["max_abs_diff"] < (1e-6 if name == "float32" else 1e-2)

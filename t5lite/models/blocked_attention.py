@@ -70,7 +70,7 @@ def _block(groups: int, q, k, v, bias, mask):
     which saves one pass over the [G*T, S] block (the backward pass uses the normalised
     probabilities). The row sums come out of the same dot, through a column of ones appended
     to V: with bfloat16 V that saves another pass (a float32 reduction beside the bfloat16
-    cast: T5 v1.1-small's encoder self-attention, batch 8 x 512, one layer, 30.5 -> 28.2 ms on
+    cast: T5 v1.1-small's encoder self-attention, batch 8 x 512, one layer, 29.8 -> 26.5 ms on
     a 2-core Intel Xeon VM; float32 unchanged), and it normalises by the sum of the weights
     actually multiplied."""
     logits, _ = _logits(q, k, bias, mask, groups)
@@ -133,7 +133,8 @@ def blocked_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: ja
     38 -> 29 ms in float32 with 4 rows per step on a 2-core VM). The flat loop, unrolled, with
     each step slicing its heads' bias in place, replaced a loop over heads around a loop over
     row groups, whose every iteration boundary made both threads wait for the slower chain
-    (same layer, 2-core Intel Xeon VM: 27 -> 17 ms in bfloat16, 34 -> 25 ms in float32).
+    (same layer, 2-core Intel Xeon VM: 27 -> 19 ms in bfloat16, 36 -> 32 ms in float32;
+    benchmarks/attention_module_ab.py).
 
     Example (B=8, K=6, 2 rows per step): 24 steps; step i takes kv head i // 4 and rows
     2 (i % 4), 2 (i % 4) + 1."""
