@@ -3,6 +3,7 @@ in one process, alternating: the way to measure a change to `t5lite/models/block
 
     python benchmarks/attention_module_ab.py --rev=4db88a3          # encoder self-attention
     python benchmarks/attention_module_ab.py --rev=HEAD~1 --batch=8 --length=512 --heads=6
+    python benchmarks/attention_module_ab.py --rev=4db88a3 --backward   # + gradients
 
 The old module is read with `git show REV:t5lite/models/blocked_attention.py` and imported
 beside the current one. Both run T5 v1.1-small's encoder self-attention shapes by default (one
@@ -50,8 +51,10 @@ def module_at(rev: str):
 
 
 def compare(old_core, new_core, *, batch: int, length: int, heads: int, head_dim: int,
-            repeats: int, dtypes=("float32", "bfloat16")) -> dict:
-    """{dtype: {"before_s", "after_s", "before_times_s", "after_times_s", "max_abs_diff"}}."""
+            repeats: int, dtypes=("float32", "bfloat16"), backward: bool = False) -> dict:
+    """{dtype: {"before_s", "after_s", "before_times_s", "after_times_s", "max_abs_diff"}}.
+    backward=True times the gradients of sum(out * w) with respect to q, k, v and the bias
+    (forward and backward pass) and compares the gradients instead of the outputs."""
     keys = jax.random.split(jax.random.key(0), 4)
     results = {}
     for name in dtypes:
@@ -62,7 +65,16 @@ def compare(old_core, new_core, *, batch: int, length: int, heads: int, head_dim
         bias = jax.random.normal(keys[3], (1, heads, length, length))
         mask = jnp.ones((batch, 1, 1, length), bool).at[min(1, batch - 1), :, :,
                                                        length * 3 // 4:].set(False)
-        fns = {side: jax.jit(lambda q, k, v, b, m, core=core: core(q, k, v, bias=b, mask=m))
+        weights = jax.random.normal(keys[0], q.shape).astype(dtype)
+
+        def run(core, q, k, v, b, m):
+            if not backward:
+                return core(q, k, v, bias=b, mask=m)
+            loss = lambda q, k, v, b: jnp.sum(  # noqa: E731
+                (core(q, k, v, bias=b, mask=m) * weights).astype(jnp.float32))
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, b)
+
+        fns = {side: jax.jit(lambda *a, core=core: run(core, *a))
                for side, core in (("before", old_core), ("after", new_core))}
         outs = {side: jax.block_until_ready(fn(q, k, v, bias, mask)) for side, fn in fns.items()}
         times = {side: [] for side in fns}
@@ -71,8 +83,9 @@ def compare(old_core, new_core, *, batch: int, length: int, heads: int, head_dim
                 start = time.perf_counter()
                 jax.block_until_ready(fn(q, k, v, bias, mask))
                 times[side].append(time.perf_counter() - start)
-        diff = jnp.max(jnp.abs(outs["before"].astype(jnp.float32)
-                               - outs["after"].astype(jnp.float32)))
+        diff = max(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                   for a, b in zip(jax.tree.leaves(outs["before"]),
+                                   jax.tree.leaves(outs["after"])))
         results[name] = {"before_s": statistics.median(times["before"]),
                          "after_s": statistics.median(times["after"]),
                          "before_times_s": times["before"], "after_times_s": times["after"],
@@ -88,23 +101,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward + backward (gradients of q, k, v and the bias)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from t5lite.models.blocked_attention import blocked_attention_core
 
     where = machine()
     print(f"{where['cpu_model']}, {where['cpus']} CPUs, load average "
-          f"{where['load_average_1min']}; before = {args.rev}, after = this checkout",
+          f"{where['load_average_1min']}; before = {args.rev}, after = this checkout; "
+          f"{'forward + backward' if args.backward else 'forward'}",
           flush=True)
     results = compare(module_at(args.rev).blocked_attention_core, blocked_attention_core,
                       batch=args.batch, length=args.length, heads=args.heads,
-                      head_dim=args.head_dim, repeats=args.repeats)
+                      head_dim=args.head_dim, repeats=args.repeats, backward=args.backward)
     for name, r in results.items():
         print(f"{name:9s} before {r['before_s'] * 1e3:7.2f} ms   after {r['after_s'] * 1e3:7.2f} ms"
-              f"   ({r['before_s'] / r['after_s']:.2f}x; outputs differ by at most "
+              f"   ({r['before_s'] / r['after_s']:.2f}x; results differ by at most "
               f"{r['max_abs_diff']:.2e})", flush=True)
     result = {"benchmark": "attention_module_ab", "rev": args.rev, "batch": args.batch,
               "length": args.length, "heads": args.heads, "head_dim": args.head_dim,
+              "backward": args.backward,
               "machine": where, "results": results}
     if args.out:
         with open(args.out, "w") as f:

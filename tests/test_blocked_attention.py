@@ -9,6 +9,8 @@ import pytest
 
 from t5lite.models.attention import attention_core, einsum_attention_core
 from t5lite.models.blocked_attention import blocked_attention_core, rows_per_step
+
+blocked_core = blocked_attention_core
 from t5lite.models.masks import key_padding_mask, segment_mask
 
 B, T, S, D = 2, 5, 7, 4
@@ -44,9 +46,22 @@ CASES = [  # (heads, kv_heads, bias rows, bias heads, mask)
 ]
 
 
+def _written_out_loop(q, k, v, *, bias, mask):
+    """The bfloat16 path's loop with its hand-written backward (`_core`), on any dtype."""
+    from t5lite.models.blocked_attention import _core, _Plan
+
+    plan = _Plan(batch=q.shape[0], q_len=q.shape[1], seq=k.shape[1], num_heads=q.shape[2],
+                 kv_heads=k.shape[2], per_step=rows_per_step(q.shape[0], jnp.bfloat16))
+    return _core(plan, q, k, v, bias, mask)
+
+
+@pytest.mark.parametrize("written_out", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,bias_rows,bias_heads,mask_name", CASES)
 def test_values_and_gradients_match_the_einsum_core(heads, kv_heads, bias_rows, bias_heads,
-                                                   mask_name):
+                                                   mask_name, written_out):
+    """float32 values and gradients of q, k, v and the bias, for the float32 path (JAX
+    differentiates the loop) and for the bfloat16 path's written-out backward loop."""
+    blocked_attention_core = _written_out_loop if written_out else blocked_core
     q, k, v, rng = _inputs(heads, kv_heads, jnp.float32)
     bias = None if bias_rows is None else _bias(rng, bias_rows, bias_heads)
     mask = _masks()[mask_name]
