@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from train_step import machine  # noqa: E402
+from train_step import machine, write_result  # noqa: E402
 
 MODULE = "t5lite/models/blocked_attention.py"
 
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
               "backward": args.backward,
               "machine": where, "results": results}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(result, args.out)
     return result
 
 
