@@ -257,6 +257,32 @@ def test_process_logits_worked_example():
     assert kept(dec.process_logits(logits, top_k=3)) == [True, True, True, False]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_first_argmax_and_token_log_prob_match_argmax_and_log_softmax(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 37)).astype(np.float32) * 4
+    x[1, [3, 20]] = 50.0  # tied maxima: the first one wins
+    x[2, :] = 7.0  # a constant row
+    x[3, 5] = np.nan  # argmax returns the (first) NaN
+    x[4, :] = -np.inf  # nothing finite
+    x[4, 30] = -1e30
+    x[5, 9] = np.inf
+    logits = jnp.asarray(x, dtype)
+    want = jnp.argmax(logits, axis=-1)
+    got = dec.first_argmax(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+    assert got.tolist()[:3] == [int(np.argmax(x[0])), 3, 0]
+    token = jnp.asarray([0, 3, 20, 7, 30, 9], jnp.int32)
+    ref = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
+                              token[:, None], axis=-1)[:, 0]
+    lp = dec.token_log_prob(logits, token)
+    finite = [0, 1, 2, 4]  # rows 3 (NaN) and 5 (inf) give NaN either way
+    np.testing.assert_allclose(np.asarray(lp)[finite], np.asarray(ref)[finite], rtol=1e-6,
+                               atol=1e-6)
+    assert np.isnan(np.asarray(lp)[3]) and np.isnan(np.asarray(ref)[3])
+
+
 # ---------------------------------------------------------------------------- beam search
 def brute_force_top(e1, e2, k: int, alpha: float, length: int = L, vocab: int = V):
     """Every complete hypothesis: EOS-terminated of length <= L, or cut off at length L."""

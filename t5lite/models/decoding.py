@@ -186,11 +186,44 @@ def process_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
     return logits
 
 
-def _select(logits: jax.Array, config: DecodeConfig, rng: jax.Array | None) -> jax.Array:
+def first_argmax(logits: jax.Array, row_max: jax.Array | None = None) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (the first maximum; the first NaN if a row has one),
+    from two plain reductions: the row max, then the smallest index that reaches it. XLA:CPU
+    runs argmax's (value, index) reduction as a scalar loop; a greedy step over a 32128-token
+    vocabulary at batch 8 spent ~0.4 ms in it. `row_max` [..., 1] may be passed when the
+    caller has it.
+
+    Example: [[1, 3, 3, 2]] -> [1] (first of the tied maxima)."""
+    if row_max is None:
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == row_max) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
+def token_log_prob(logits: jax.Array, token: jax.Array,
+                   row_max: jax.Array | None = None) -> jax.Array:
+    """log softmax(logits)[..., token] in float32 without the whole log-softmax array:
+    logits[token] - logsumexp(logits). `row_max` as in `first_argmax`."""
+    logits = logits.astype(jnp.float32)
+    if row_max is None:
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = row_max.astype(jnp.float32)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1)) + row_max[..., 0]
+    return jnp.take_along_axis(logits, token[..., None], axis=-1)[..., 0] - log_sum
+
+
+def _select(logits: jax.Array, config: DecodeConfig,
+            rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The next token [N] and its log-probability under the model's distribution [N]."""
     if config.method == "greedy" or config.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        token = first_argmax(logits, row_max)
+        return token, token_log_prob(logits, token, row_max)
     filtered = process_logits(logits, config.temperature, config.top_k, config.top_p)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    token = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    return token, token_log_prob(logits, token)
 
 
 def length_penalty(length: jax.Array | int, alpha: float) -> jax.Array:
@@ -228,9 +261,7 @@ def sample_decode(step_fn: StepFn, cache: PyTree, batch_size: int, config: Decod
 
     def choose(logits: jax.Array, i: jax.Array, state: _SampleState) -> _SampleState:
         key = jax.random.fold_in(rng, i) if sampling else None
-        token = _select(logits, config, key)
-        token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
-                                         token[:, None], axis=-1)[:, 0]
+        token, token_logp = _select(logits, config, key)
         token = jnp.where(state.done, PAD_ID, token)
         logp = state.logp + jnp.where(state.done, 0.0, token_logp)
         out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, i))
