@@ -1,6 +1,7 @@
 """Where the time of a `jax.profiler` trace went: top ops per device, as plain text.
 
     python benchmarks/profile_summary.py PROFILE_DIR_OR_XPLANE_PB [--top=40] [--steps=2]
+        [--hlo=OPTIMISED_HLO.txt]
 
 Reads the `*.xplane.pb` that `jax.profiler.start_trace/stop_trace` writes (e.g. through
 `benchmarks/train_step.py --profile_dir=DIR`) without TensorBoard: for every device plane
@@ -9,6 +10,13 @@ Reads the `*.xplane.pb` that `jax.profiler.start_trace/stop_trace` writes (e.g. 
 recorded one, else the event name, i.e. the kernel). Durations are divided by `--steps`, so with
 the two traced steps of train_step.py the figures are per step. On CPU-only traces the host
 plane's XLA threads are summarised the same way.
+
+With `--hlo=FILE` (the optimised HLO text of the traced program: `compiled.as_text()`, or the
+`*after_optimizations.txt` of `XLA_FLAGS=--xla_dump_to=DIR`), a last section groups the
+program's own ops by what they compute: the JAX operation that made them (layer and loop
+prefixes dropped), the result shape and, for a fusion, the ops fused into it; e.g. the 24
+`dot_general f32[8,512]` dots of a decoding step add up to one row. Library and executor
+events (thread-pool waits, "ThunkExecutor") are left out of that section.
 
 Needs the XPlane protobuf module, which TensorFlow ships (`tensorflow.tsl.profiler.protobuf`) and
 so does the `xprof`/`tensorboard-plugin-profile` package; the project's test environment has it.
@@ -114,12 +122,107 @@ def summarize_plane(plane, steps: int, top: int) -> list[str]:
     return out
 
 
-def summarize(path: str, steps: int = 2, top: int = 40) -> str:
+_INSTRUCTION_START = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+
+
+def _parse_instruction(line: str) -> tuple[str, str, str, str] | None:
+    """(name, result shape, opcode, rest of the line) of one HLO instruction line, else None.
+    A tuple shape `(s32[], f32[8]{0}, /*index=5*/...)` is taken whole."""
+    m = _INSTRUCTION_START.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):
+        depth = 0
+        for end, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\((.*)$", rest)
+    return (m.group(1), shape, op.group(1), op.group(2)) if op else None
+_FUSED_OPS_SKIPPED = {"parameter", "constant", "bitcast", "broadcast", "tuple",
+                      "get-tuple-element"}
+
+
+def hlo_labels(hlo_text: str) -> dict[str, str]:
+    """What each instruction of an optimised HLO module computes, keyed by instruction name:
+    "<JAX op path> <result shape> [<ops fused into it>]". The op path is the instruction's
+    `op_name` metadata without the `jit(...)/` prefix and without `while/body/`,
+    `closed_call/` or `checkpoint/` segments, so every layer's copy of an op gets one label.
+
+    Example: `%fusion.3 = f32[8,512]{1,0} fusion(...), calls=%fused_computation.3,
+    metadata={op_name="jit(_run)/while/body/dot_general"}` whose computation holds a convert
+    and a dot -> "dot_general f32[8,512] [convert,dot]"."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) (?:\(|\{)", line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None and line.startswith(" "):
+            current.append(line)
+    labels: dict[str, str] = {}
+    for body in computations.values():
+        for line in body:
+            parsed = _parse_instruction(line)
+            if parsed is None:
+                continue
+            name, shape, opcode, rest = parsed
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            path = op_name.group(1) if op_name else opcode
+            path = re.sub(r"^jit\([^)]*\)/", "", path)
+            path = re.sub(r"(?:while/body/|while/cond/|closed_call/|checkpoint/|"
+                          r"rematted_computation/|jvp\([^)]*\)/|transpose\([^)]*\)/)", "",
+                          path)
+            label = path + " " + re.sub(r"\{[^}]*\}", "", shape)
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            if opcode == "fusion" and called and called.group(1) in computations:
+                fused = sorted({p[2] for p in map(_parse_instruction,
+                                                  computations[called.group(1)])
+                                if p and p[2] not in _FUSED_OPS_SKIPPED})
+                label += f" [{','.join(fused)}]"
+            labels[name] = label
+    return labels
+
+
+def by_computed_op(plane, labels: dict[str, str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds and event counts per `hlo_labels` label over every line of `plane`; events whose
+    name is not an instruction of the module (executor, thread pool, Python) are skipped."""
+    names = {k: v.name or v.display_name for k, v in plane.event_metadata.items()}
+    seconds: dict[str, float] = collections.Counter()
+    counts: dict[str, int] = collections.Counter()
+    for line in plane.lines:
+        for event in line.events:
+            label = labels.get(names.get(event.metadata_id, ""))
+            if label is not None:
+                seconds[label] += event.duration_ps * 1e-12
+                counts[label] += 1
+    return seconds, counts
+
+
+def computed_op_lines(seconds: dict[str, float], counts: dict[str, int], steps: float,
+                      top: int) -> list[str]:
+    total = sum(seconds.values())
+    out = [f"-- what the ops compute, all threads ({1e3 * total / steps:.2f} ms per step; "
+           "ms per step, share, calls per step)"]
+    for label, secs in sorted(seconds.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"   {1e3 * secs / steps:10.3f}  {100 * secs / max(total, 1e-30):5.1f}%  "
+                   f"{counts[label] / steps:7.1f}  {label[:150]}")
+    return out
+
+
+def summarize(path: str, steps: int = 2, top: int = 40, hlo_text: str | None = None) -> str:
     xplane = find_xplane(path)
     planes = planes_to_summarize(load_space(xplane))
     lines = [f"trace {xplane}"]
+    labels = hlo_labels(hlo_text) if hlo_text else None
     for plane in planes:
         lines += summarize_plane(plane, steps, top)
+        if labels:
+            lines += computed_op_lines(*by_computed_op(plane, labels), steps, top)
     if not planes:
         lines.append("(no plane in this trace recorded any event)")
     return "\n".join(lines)
@@ -143,8 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", help="a --profile_dir, or one *.xplane.pb file")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--steps", type=int, default=2, help="steps in the trace")
+    parser.add_argument("--hlo", default=None,
+                        help="optimised HLO text of the traced program (adds 'what the ops "
+                             "compute')")
     args = parser.parse_args(argv)
-    print(summarize(args.path, args.steps, args.top))
+    hlo_text = None
+    if args.hlo:
+        if not os.path.isfile(args.hlo):
+            raise SystemExit(f"error: --hlo={args.hlo} is not a file; pass the optimised HLO "
+                             "text (compiled.as_text(), or an XLA dump's "
+                             "*after_optimizations.txt)")
+        with open(args.hlo) as f:
+            hlo_text = f.read()
+    print(summarize(args.path, args.steps, args.top, hlo_text))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,45 @@ def test_cross_attention_ab_times_both_forms():
     assert int8["quantize"] == "int8" and int8["tokens_3"]["token_agreement"] > 0
 
 
+def test_decode_profile_splits_the_loop_by_op():
+    """The traced loop's ops are grouped by what they compute; the output layer's dot and the
+    token choice are in the loop, the encoder's ops are not."""
+    pytest.importorskip("tensorflow.tsl.profiler.protobuf.xplane_pb2")
+    from decode_profile import profile
+
+    res = profile(TINY, batch_size=2, input_len=12, new_tokens=4, repeats=1, log=lambda *a: None)
+    ops = {row["op"]: row for row in res["ops"]}
+    assert res["op_events_per_step"] > 0 and res["traced_step_wall_ms"] > 0
+    assert res["op_ms_per_step"] == pytest.approx(sum(r["ms_per_step"] for r in res["ops"]))
+    assert any("dot_general f32[2,128]" in op for op in ops), sorted(ops)  # the logits
+    # the encoder (12 positions x 2 rows) runs before the loop: none of its ops is counted
+    assert not any("[2,12,32]" in op or "[24,32]" in op for op in ops), sorted(ops)
+    assert set(res["request_s"]) == {"1", "4"}
+
+
+def test_hlo_labels_name_what_each_instruction_computes():
+    from profile_summary import hlo_labels
+
+    hlo = """HloModule jit__run
+
+%fused_computation.3 (param_0: bf16[8,512], param_1: bf16[512,64]) -> f32[8,64] {
+  %param_0 = bf16[8,512]{1,0} parameter(0)
+  %param_1 = bf16[512,64]{1,0} parameter(1)
+  %convert.1 = f32[8,512]{1,0} convert(%param_0)
+  ROOT %dot.2 = f32[8,64]{1,0} dot(%convert.1, %param_1), lhs_contracting_dims={1}
+}
+
+ENTRY %main.9 (p0: bf16[8,512], p1: bf16[512,64]) -> f32[8,64] {
+  %p0 = bf16[8,512]{1,0} parameter(0)
+  %p1 = bf16[512,64]{1,0} parameter(1)
+  ROOT %ynn_fusion.3 = f32[8,64]{1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_computation.3, metadata={op_name="jit(_run)/while/body/closed_call/dot_general" stack_frame_id=3}
+}
+"""
+    labels = hlo_labels(hlo)
+    assert labels["ynn_fusion.3"] == "dot_general f32[8,64] [convert,dot]"
+    assert labels["convert.1"] == "convert f32[8,512]"  # no metadata: the opcode
+
+
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
 
