@@ -245,3 +245,37 @@ def test_params_checkpoint_in_a_bucket(gcs):
     assert checkpoint.latest_step(run) == 9
     np.testing.assert_array_equal(checkpoint.restore_params(run, abstract)["dense"]["kernel"],
                                   np.zeros((3, 4)))
+
+
+def test_vocabulary_trained_from_and_into_a_bucket(gcs, tmp_path, monkeypatch):
+    """`t5lite vocab` with gs:// inputs (a glob over gzipped JSON-lines shards and a text file)
+    and a gs:// output prefix: both files land in the bucket, nothing on the local disk."""
+    import gzip
+
+    from t5lite.data.vocab import load_vocabulary, piece_id, train_vocabulary
+    from t5lite_tasks import demo
+
+    monkeypatch.chdir(tmp_path)  # a stray local "gs:" directory would appear here
+    root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
+    with open(demo.VALIDATION_FILE, "rb") as f:
+        data = f.read()
+    lines = (gzip.decompress(data) if demo.VALIDATION_FILE.endswith(".gz") else data).splitlines()
+    half = len(lines) // 2
+    for i, part in enumerate((lines[:half], lines[half:])):
+        storage.write_atomic(f"{root}/corpus/part-{i}.jsonl.gz",
+                             gzip.compress(b"\n".join(part) + b"\n"))
+    storage.write_atomic(f"{root}/corpus/extra.txt", "Zürich ☃ naïve\n")
+    path = train_vocabulary([f"{root}/corpus/part-*.jsonl.gz", f"{root}/corpus/extra.txt"], 600,
+                            f"{root}/vocab/v600")
+    assert path == f"{root}/vocab/v600.model"
+    assert storage.isfile(path) and storage.isfile(f"{root}/vocab/v600.vocab")
+    vocab = load_vocabulary(path)
+    assert vocab.vocab_size == 700
+    assert [piece_id(vocab, t) for t in ("[NLU]", "[NLG]", "[S2S]")] == [3, 4, 5]
+    assert vocab.decode(vocab.encode("Zürich ☃ naïve")) == "Zürich ☃ naïve"
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(UserError, match="matches no file"):
+        train_vocabulary([f"{root}/corpus/none-*.txt"], 600, f"{root}/vocab/w")
+    with pytest.raises(UserError, match="does not exist"):
+        train_vocabulary([f"{root}/corpus/none.txt"], 600, f"{root}/vocab/w")
+    assert not storage.exists(f"{root}/vocab/w.model")

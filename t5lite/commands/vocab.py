@@ -5,8 +5,10 @@ Example::
     t5lite vocab --input=tasks/demo/data/train.jsonl.gz --vocab_size=8000 --output=/tmp/demo_8k
 
 Inputs are plain-text files (one paragraph per line) or JSON-lines files (`.jsonl`, `.jsonl.gz`)
-whose objects carry the text in `--text_key`. Writes PREFIX.model and PREFIX.vocab; use the model
-with `seqio.SentencePieceVocabulary(PREFIX.model, extra_ids=100)`.
+whose objects carry the text in `--text_key`; each `--input` entry may be a glob, and inputs and
+the output prefix may be gs:// paths (`--input='gs://bucket/corpus/part-*.jsonl.gz'`). Writes
+PREFIX.model and PREFIX.vocab; use the model with
+`seqio.SentencePieceVocabulary(PREFIX.model, extra_ids=100)`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from t5lite.errors import UserError
 
 FLAGS = common.new_flags()
 flags.DEFINE_list("input", None,
-                  "comma-separated training text files (.txt, .jsonl, optionally .gz)",
-                  flag_values=FLAGS)
+                  "comma-separated training text files or globs (.txt, .jsonl, optionally .gz; "
+                  "local or gs://)", flag_values=FLAGS)
 flags.DEFINE_integer("vocab_size", 8000, "number of SentencePiece pieces (extra ids come on top)",
                      flag_values=FLAGS)
-flags.DEFINE_string("output", None, "output prefix: writes PREFIX.model and PREFIX.vocab",
-                    flag_values=FLAGS)
+flags.DEFINE_string("output", None, "output prefix (local or gs://): writes PREFIX.model and "
+                    "PREFIX.vocab", flag_values=FLAGS)
 flags.DEFINE_string("text_key", "text", "JSON field holding the text in .jsonl inputs",
                     flag_values=FLAGS)
 flags.DEFINE_integer("input_sentence_size", 2_000_000, "max lines sampled for training",

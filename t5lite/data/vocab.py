@@ -16,12 +16,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 
+from t5lite import storage
 from t5lite.errors import UserError
 
 DEFAULT_EXTRA_IDS = 100
@@ -30,10 +33,31 @@ PARADIGM_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 _MAX_LINE_CHARS = 4000
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def _open_text(path: str, stack: contextlib.ExitStack) -> io.TextIOBase:
+    """`path` (local or gs://) as text lines; `.gz` decompressed on the fly."""
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        raw = stack.enter_context(storage.open(path, "rb"))
+        return stack.enter_context(io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8"))
+    return stack.enter_context(storage.open(path, "r", encoding="utf-8"))
+
+
+def training_inputs(patterns: Sequence[str]) -> list[str]:
+    """The files of `--input`: each entry a file or a glob (`*`, `?`, `[...]`), local or gs://.
+
+    Example: ["gs://b/corpus/part-*.jsonl.gz", "extra.txt"] -> every matching shard, sorted,
+    then extra.txt. A file that does not exist or a glob that matches nothing is a UserError."""
+    files: list[str] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matched = storage.glob(pattern)
+            if not matched:
+                raise UserError(f"vocabulary training input {pattern!r} matches no file")
+            files += matched
+        elif not storage.exists(pattern):
+            raise UserError(f"vocabulary training input {pattern!r} does not exist")
+        else:
+            files.append(pattern)
+    return files
 
 
 def _split_long(line: str) -> Iterator[str]:
@@ -51,10 +75,11 @@ def iter_training_lines(paths: Sequence[str], text_key: str = "text") -> Iterato
     (`.jsonl`/`.json`, optionally `.gz`, taking field `text_key` of each object); a JSON document
     is split at its newlines."""
     for path in paths:
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise UserError(f"vocabulary training input {path!r} does not exist")
         is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
-        with _open_text(path) as f:
+        with contextlib.ExitStack() as stack:
+            f = _open_text(path, stack)
             for lineno, raw in enumerate(f, 1):
                 if is_jsonl:
                     if not raw.strip():
@@ -87,6 +112,10 @@ def train_vocabulary(
 
     Writes `{output_prefix}.model` and `{output_prefix}.vocab`. Ids 0/1/2 are PAD/EOS/UNK as in
     T5; `user_defined_symbols` (by default the UL2 paradigm tokens) come next as single pieces.
+    `input_files` are files or globs (`training_inputs`); inputs and the output prefix may be
+    gs:// paths (SentencePiece writes locally; a gs:// output is trained in a temporary
+    directory and then uploaded, the `.vocab` first, so a reader that sees the `.model` sees
+    both).
     """
     import sentencepiece as spm
 
@@ -95,9 +124,20 @@ def train_vocabulary(
                         "pieces plus specials; use at least 300 (the demo uses 8000)")
     if not input_files:
         raise UserError("no --input files given")
-    for path in input_files:
-        if not os.path.exists(path):
-            raise UserError(f"vocabulary training input {path!r} does not exist")
+    input_files = training_inputs(input_files)
+    if storage.is_remote(output_prefix):
+        with tempfile.TemporaryDirectory(prefix="t5lite-vocab-") as tmp:
+            local = train_vocabulary(
+                input_files, vocab_size, os.path.join(tmp, "spm"),
+                user_defined_symbols=user_defined_symbols,
+                character_coverage=character_coverage,
+                input_sentence_size=input_sentence_size,
+                seed_sentencepiece_size=seed_sentencepiece_size, num_threads=num_threads,
+                text_key=text_key)
+            for suffix in (".vocab", ".model"):
+                with open(local.removesuffix(".model") + suffix, "rb") as f:
+                    storage.write_atomic(output_prefix + suffix, f.read())
+        return output_prefix + ".model"
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -127,8 +167,6 @@ def load_vocabulary(path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
     not a SentencePiece model.
     """
     import seqio
-
-    from t5lite import storage
 
     if not storage.exists(path):
         raise UserError(f"vocabulary file {path!r} does not exist (train one with "
