@@ -143,6 +143,8 @@ def _parse_instruction(line: str) -> tuple[str, str, str, str] | None:
         shape, _, rest = rest.partition(" ")
     op = re.match(r"([\w\-]+)\((.*)$", rest)
     return (m.group(1), shape, op.group(1), op.group(2)) if op else None
+
+
 _FUSED_OPS_SKIPPED = {"parameter", "constant", "bitcast", "broadcast", "tuple",
                       "get-tuple-element"}
 

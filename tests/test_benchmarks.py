@@ -126,7 +126,7 @@ def test_decode_profile_splits_the_loop_by_op():
     assert set(res["request_s"]) == {"1", "4"}
 
 
-def test_hlo_labels_name_what_each_instruction_computes():
+def test_hlo_labels_name_what_each_instruction_computes(tmp_path):
     from profile_summary import hlo_labels
 
     hlo = """HloModule jit__run
@@ -147,6 +147,26 @@ ENTRY %main.9 (p0: bf16[8,512], p1: bf16[512,64]) -> f32[8,64] {
     labels = hlo_labels(hlo)
     assert labels["ynn_fusion.3"] == "dot_general f32[8,64] [convert,dot]"
     assert labels["convert.1"] == "convert f32[8,512]"  # no metadata: the opcode
+
+    # summarize --hlo: the program's ops by label, executor events left out
+    xplane_pb2 = pytest.importorskip("tensorflow.tsl.profiler.protobuf.xplane_pb2")
+    from profile_summary import main, summarize
+
+    space = xplane_pb2.XSpace()
+    host = space.planes.add(name="/host:CPU")
+    host.event_metadata[1].name = "ynn_fusion.3"
+    host.event_metadata[2].name = "ThunkExecutor::Execute"
+    line = host.lines.add(name="tf_XLAEigen/1")
+    line.events.add(metadata_id=1, duration_ps=2_000_000_000)
+    line.events.add(metadata_id=2, duration_ps=5_000_000_000)
+    trace = tmp_path / "vm.xplane.pb"
+    trace.write_bytes(space.SerializeToString())
+    text = summarize(str(trace), steps=1, top=5, hlo_text=hlo)
+    section = text.split("-- what the ops compute")[1]
+    assert "2.000  100.0%      1.0  dot_general f32[8,64] [convert,dot]" in section
+    assert "ThunkExecutor" not in section
+    with pytest.raises(SystemExit, match="--hlo=.* is not a file"):
+        main([str(trace), f"--hlo={tmp_path / 'missing.txt'}"])
 
 
 def test_gpu_script_is_valid_bash():
