@@ -47,7 +47,7 @@ finetune-demo: $(STAMP)
 ## matmul peak), t5lite vs transformers (AdamW steps and greedy decoding, same run), t5lite vs a
 ## plain JAX T5 (same run), input pipeline throughput, the attention cores (blocked vs whole-tensor
 ## einsum vs xla, and the whole model with and without blocks), decoding with cross K/V vs absorbed
-## cross-attention. JSON results go to benchmarks/results/.
+## cross-attention, where a greedy step's time goes. JSON results go to benchmarks/results/.
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=float32
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=bfloat16
@@ -57,6 +57,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention_impl.py --model_rounds=3 --out=benchmarks/results/attention_impl.json
 	$(PY) benchmarks/cross_attention_ab.py --dtype=float32
 	$(PY) benchmarks/cross_attention_ab.py --dtype=bfloat16
+	$(PY) benchmarks/decode_profile.py --dtype=float32
+	$(PY) benchmarks/decode_profile.py --dtype=bfloat16
 	$(PY) benchmarks/compile_cache.py --model=t5_1_1_small
 
 clean-demo:
