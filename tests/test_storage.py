@@ -279,3 +279,42 @@ def test_vocabulary_trained_from_and_into_a_bucket(gcs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         train_vocabulary([f"{root}/corpus/none.txt"], 600, f"{root}/vocab/w")
     assert not storage.exists(f"{root}/vocab/w.model")
+
+
+def test_transformers_model_imported_from_a_bucket(gcs, tmp_path):
+    """`t5lite import --input=gs://...`: the same model dir as a local import; model.gin names
+    the bucket; a missing or incomplete bucket directory is refused by its gs:// name."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from t5lite.export.hf import import_hf
+    from t5lite.inference import load_model
+    from test_hf_import import save_random_t5
+    from test_infer import make_vocab
+
+    local = tmp_path / "hf"
+    save_random_t5(str(local), "v1_1", vocab_size=448, seed=3)
+    (tmp_path / "vocab").mkdir()
+    vocab = make_vocab(str(tmp_path / "vocab"))
+    root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
+    storage.upload_dir(str(local), f"{root}/hf")
+    storage.upload_dir(str(local), f"{root}/no_config")
+    storage.remove(f"{root}/no_config/config.json")
+    with open(vocab, "rb") as f:
+        storage.write_atomic(f"{root}/spiece.model", f.read())
+
+    cfg_local = import_hf(str(local), str(tmp_path / "m_local"), vocab=vocab)
+    cfg_gs = import_hf(f"{root}/hf", str(tmp_path / "m_gs"), vocab=f"{root}/spiece.model")
+    assert cfg_gs == cfg_local
+    a = nnx.state(load_model(str(tmp_path / "m_local"))[0], nnx.Param)
+    b = nnx.state(load_model(str(tmp_path / "m_gs"))[0], nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert f"imported from {root}/hf" in (tmp_path / "m_gs" / "model.gin").read_text()
+    with pytest.raises(UserError, match=f"{root}/none.*is not a directory"):
+        import_hf(f"{root}/none", str(tmp_path / "m1"), vocab=vocab)
+    with pytest.raises(UserError, match=f"{root}/no_config has no config.json"):
+        import_hf(f"{root}/no_config", str(tmp_path / "m2"), vocab=vocab)

@@ -120,20 +120,27 @@ def model_gin_text(cfg: ModelConfig, source: str) -> str:
 # ------------------------------------------------------------------------------ import
 def import_hf(hf_dir: str, model_dir: str, *, vocab: str | None = None,
               scan_layers: bool = True, inputs_length: int = 512, targets_length: int = 114,
-              dtype: str = "float32") -> ModelConfig:
+              dtype: str = "float32", source: str | None = None) -> ModelConfig:
     """Write a t5lite model dir from a transformers T5 directory (see module docstring).
-    A gs:// `hf_dir` (or `vocab`) is downloaded to a temporary directory first."""
+    A gs:// `hf_dir` (or `vocab`) is downloaded to a temporary directory first. `source` is
+    what model.gin names as the origin (default: `hf_dir`, made absolute when local)."""
     from t5lite import storage
 
     if storage.is_remote(hf_dir):
+        if not storage.isdir(hf_dir):
+            raise UserError(f"--input {hf_dir!r} is not a directory (expected a transformers "
+                            "save_pretrained directory).")
         with tempfile.TemporaryDirectory(prefix="t5lite-import-") as tmp:
             for name in storage.listdir(hf_dir):
                 if storage.isfile(storage.join(hf_dir, name)):
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(storage.read_bytes(storage.join(hf_dir, name)))
-            return import_hf(tmp, model_dir, vocab=vocab, scan_layers=scan_layers,
-                             inputs_length=inputs_length, targets_length=targets_length,
-                             dtype=dtype)
+            try:
+                return import_hf(tmp, model_dir, vocab=vocab, scan_layers=scan_layers,
+                                 inputs_length=inputs_length, targets_length=targets_length,
+                                 dtype=dtype, source=source or hf_dir)
+            except UserError as e:  # name the bucket's directory, not the temporary copy
+                raise UserError(str(e).replace(tmp, hf_dir)) from None
     if vocab is not None:
         vocab = storage.local_copy(vocab)
     import jax
@@ -190,8 +197,8 @@ def import_hf(hf_dir: str, model_dir: str, *, vocab: str | None = None,
                                                             "targets": int(targets_length)},
                                       extra_ids=100, feature_converter="enc_dec"))
     storage.write_atomic(storage.join(model_dir, MODEL_GIN_FILE),
-                         model_gin_text(cfg, os.path.abspath(hf_dir)))
-    log.info("imported %s into %s", hf_dir, model_dir)
+                         model_gin_text(cfg, source or os.path.abspath(hf_dir)))
+    log.info("imported %s into %s", source or hf_dir, model_dir)
     return cfg
 
 
