@@ -37,28 +37,37 @@ from train_step import machine, model_config_from_gin, write_result  # noqa: E40
 FORMS = ("kv", "absorbed")
 
 
-def compare_forms(cfg, *, batch_size: int, input_len: int, new_tokens: int, repeats: int,
-                  decode: str = "greedy", beam_size: int = 4, quantize: str | None = None,
-                  log=print) -> dict:
-    """Time both cross-attention forms on one model (int8 weights with quantize="int8"),
-    alternating; medians per request."""
+def random_model_and_inputs(cfg, *, batch_size: int, input_len: int,
+                            quantize: str | None = None):
+    """(model with random weights, int8 with quantize="int8"; `batch_size` random token rows
+    of `input_len` ids, each ending with EOS) for the decoding benchmarks."""
     from flax import nnx
 
-    from t5lite.inference import Generator
     from t5lite.models import build_model
-    from t5lite.models.decoding import DecodeConfig
 
     model = build_model(cfg, rngs=nnx.Rngs(params=0))
     if quantize:
         from t5lite.models.quant import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig())
-    gens = {form: Generator(model, None, max_input_len=input_len, batch_size=batch_size,
-                            cross_attention=form) for form in FORMS}
     ids = np.random.default_rng(1).integers(3, min(cfg.vocab_size, 32000),
                                             size=(batch_size, input_len))
     ids[:, -1] = 1  # EOS ends every input
-    rows = [list(map(int, r)) for r in ids]
+    return model, [list(map(int, r)) for r in ids]
+
+
+def compare_forms(cfg, *, batch_size: int, input_len: int, new_tokens: int, repeats: int,
+                  decode: str = "greedy", beam_size: int = 4, quantize: str | None = None,
+                  log=print) -> dict:
+    """Time both cross-attention forms on one model (int8 weights with quantize="int8"),
+    alternating; medians per request."""
+    from t5lite.inference import Generator
+    from t5lite.models.decoding import DecodeConfig
+
+    model, rows = random_model_and_inputs(cfg, batch_size=batch_size, input_len=input_len,
+                                          quantize=quantize)
+    gens = {form: Generator(model, None, max_input_len=input_len, batch_size=batch_size,
+                            cross_attention=form) for form in FORMS}
     result: dict = {"decode": decode, "quantize": quantize}
     for n in (1, new_tokens):
         config = DecodeConfig(method=decode, max_decode_len=n, eos_id=-1,

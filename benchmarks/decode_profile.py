@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from cross_attention_ab import random_model_and_inputs  # noqa: E402
 from profile_summary import (find_xplane, hlo_labels, load_space,  # noqa: E402
                              planes_to_summarize)
 from train_step import machine, model_config_from_gin, write_result  # noqa: E402
@@ -97,25 +97,15 @@ def ops_in_window(plane, labels: dict[str, str], window: tuple[int, int]):
 def profile(cfg, *, batch_size: int, input_len: int, new_tokens: int, repeats: int,
             cross_attention: str = "auto", quantize: str | None = None, top: int = 30,
             log=print) -> dict:
-    from flax import nnx
-
     from t5lite.inference import Generator
-    from t5lite.models import build_model
     from t5lite.models.decoding import DecodeConfig
 
     if new_tokens < 2:
         raise SystemExit(f"error: --new_tokens={new_tokens} must be at least 2")
-    model = build_model(cfg, rngs=nnx.Rngs(params=0))
-    if quantize:
-        from t5lite.models.quant import QuantConfig, quantize_model
-
-        quantize_model(model, QuantConfig())
+    model, rows = random_model_and_inputs(cfg, batch_size=batch_size, input_len=input_len,
+                                          quantize=quantize)
     gen = Generator(model, None, max_input_len=input_len, batch_size=batch_size,
                     cross_attention=cross_attention)
-    ids = np.random.default_rng(1).integers(3, min(cfg.vocab_size, 32000),
-                                            size=(batch_size, input_len))
-    ids[:, -1] = 1  # EOS ends every input
-    rows = [list(map(int, r)) for r in ids]
     configs = {n: DecodeConfig(method="greedy", max_decode_len=n, eos_id=-1)
                for n in (1, new_tokens)}
     times: dict[int, list[float]] = {n: [] for n in configs}
@@ -130,7 +120,7 @@ def profile(cfg, *, batch_size: int, input_len: int, new_tokens: int, repeats: i
     untraced_step_ms = 1e3 * (request[new_tokens] - request[1]) / (new_tokens - 1)
 
     config = configs[new_tokens]
-    hlo = gen._jitted.lower(gen._state, jnp.asarray(ids, jnp.int32),
+    hlo = gen._jitted.lower(gen._state, jnp.asarray(rows, jnp.int32),
                             jnp.full((batch_size,), input_len, jnp.int32), jax.random.key(0),
                             config=config).compile().as_text()
     labels = hlo_labels(hlo)
