@@ -9,8 +9,6 @@ import pytest
 
 from t5lite.models.attention import attention_core, einsum_attention_core
 from t5lite.models.blocked_attention import blocked_attention_core, rows_per_step
-
-blocked_core = blocked_attention_core
 from t5lite.models.masks import key_padding_mask, segment_mask
 
 B, T, S, D = 2, 5, 7, 4
@@ -61,7 +59,7 @@ def test_values_and_gradients_match_the_einsum_core(heads, kv_heads, bias_rows, 
                                                    mask_name, written_out):
     """float32 values and gradients of q, k, v and the bias, for the float32 path (JAX
     differentiates the loop) and for the bfloat16 path's written-out backward loop."""
-    blocked_attention_core = _written_out_loop if written_out else blocked_core
+    core = _written_out_loop if written_out else blocked_attention_core
     q, k, v, rng = _inputs(heads, kv_heads, jnp.float32)
     bias = None if bias_rows is None else _bias(rng, bias_rows, bias_heads)
     mask = _masks()[mask_name]
@@ -71,12 +69,11 @@ def test_values_and_gradients_match_the_einsum_core(heads, kv_heads, bias_rows, 
         return jnp.sum(core(q, k, v, bias=bias, mask=mask) * weights)
 
     want = einsum_attention_core(q, k, v, bias=bias, mask=mask)
-    got = jax.jit(lambda *a: blocked_attention_core(*a, bias=bias, mask=mask))(q, k, v)
+    got = jax.jit(lambda *a: core(*a, bias=bias, mask=mask))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     argnums = (1, 2, 3, 4) if bias is not None else (1, 2, 3)
     grads_want = jax.grad(loss, argnums)(einsum_attention_core, q, k, v, bias)
-    grads_got = jax.jit(jax.grad(loss, argnums), static_argnums=0)(blocked_attention_core,
-                                                                    q, k, v, bias)
+    grads_got = jax.jit(jax.grad(loss, argnums), static_argnums=0)(core, q, k, v, bias)
     for name, g, w in zip("qkvb", grads_got, grads_want):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")

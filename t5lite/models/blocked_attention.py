@@ -206,10 +206,14 @@ def _step_inputs(plan: _Plan, bias, mask, head, row_step):
     return bias_rows, mask_rows
 
 
+def _blocked(plan: _Plan, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Each [B, L, N|K, H] array in the loop's block layout (`_to_blocks`), bfloat16 as bits."""
+    return tuple(_bits(_to_blocks(x, plan.kv_heads, plan.per_step)) for x in arrays)
+
+
 def _forward(plan: _Plan, q, k, v, bias, mask, block=_block):
     prepared_bias, prepared_mask = _prepare(plan, bias, mask)
-    qb = _bits(_to_blocks(q, plan.kv_heads, plan.per_step))
-    kb, vb = (_bits(_to_blocks(x, plan.kv_heads, plan.per_step)) for x in (k, v))
+    qb, kb, vb = _blocked(plan, q, k, v)
 
     def one_step(carry, xs):
         i, q_s, k_s, v_s = xs
@@ -239,9 +243,7 @@ def _core_bwd(plan, residuals, d_out):
     loop's carry (the blocks of one head, or one row, share a bias slice)."""
     q, k, v, bias, mask = residuals
     prepared_bias, prepared_mask = _prepare(plan, bias, mask)
-    qb = _bits(_to_blocks(q, plan.kv_heads, plan.per_step))
-    kb, vb = (_bits(_to_blocks(x, plan.kv_heads, plan.per_step)) for x in (k, v))
-    d_ob = _bits(_to_blocks(d_out.astype(q.dtype), plan.kv_heads, plan.per_step))
+    qb, kb, vb, d_ob = _blocked(plan, q, k, v, d_out.astype(q.dtype))
     d_bias0 = None if bias is None else jnp.zeros(prepared_bias.shape, jnp.float32)
 
     def one_step(d_bias, xs):
