@@ -73,10 +73,8 @@ def _split_long(line: str) -> Iterator[str]:
 def iter_training_lines(paths: Sequence[str], text_key: str = "text") -> Iterator[str]:
     """Lines of text from plain-text files (`.txt`, any other name) or JSON-lines files
     (`.jsonl`/`.json`, optionally `.gz`, taking field `text_key` of each object); a JSON document
-    is split at its newlines."""
+    is split at its newlines. `paths` are existing files (`training_inputs` checks them)."""
     for path in paths:
-        if not storage.exists(path):
-            raise UserError(f"vocabulary training input {path!r} does not exist")
         is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
         with contextlib.ExitStack() as stack:
             f = _open_text(path, stack)
@@ -125,38 +123,35 @@ def train_vocabulary(
     if not input_files:
         raise UserError("no --input files given")
     input_files = training_inputs(input_files)
-    if storage.is_remote(output_prefix):
-        with tempfile.TemporaryDirectory(prefix="t5lite-vocab-") as tmp:
-            local = train_vocabulary(
-                input_files, vocab_size, os.path.join(tmp, "spm"),
-                user_defined_symbols=user_defined_symbols,
-                character_coverage=character_coverage,
-                input_sentence_size=input_sentence_size,
-                seed_sentencepiece_size=seed_sentencepiece_size, num_threads=num_threads,
-                text_key=text_key)
+    remote = storage.is_remote(output_prefix)
+    with contextlib.ExitStack() as stack:
+        if remote:  # SentencePiece writes local files: train here, then upload
+            prefix = os.path.join(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="t5lite-vocab-")), "spm")
+        else:
+            prefix = output_prefix
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter_training_lines(input_files, text_key=text_key),
+            model_prefix=prefix,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            user_defined_symbols=list(user_defined_symbols),
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            max_sentence_length=_MAX_LINE_CHARS * 4,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+        if remote:  # .vocab first: a reader that sees the .model sees both
             for suffix in (".vocab", ".model"):
-                with open(local.removesuffix(".model") + suffix, "rb") as f:
+                with open(prefix + suffix, "rb") as f:
                     storage.write_atomic(output_prefix + suffix, f.read())
-        return output_prefix + ".model"
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_training_lines(input_files, text_key=text_key),
-        model_prefix=output_prefix,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        user_defined_symbols=list(user_defined_symbols),
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        seed_sentencepiece_size=seed_sentencepiece_size,
-        max_sentence_length=_MAX_LINE_CHARS * 4,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
     return output_prefix + ".model"
 
 
