@@ -1,16 +1,25 @@
-"""The CPU train step with the default allocator vs a preloaded caching allocator, alternating.
+"""The CPU train step with glibc's default malloc, huge-page malloc and a caching allocator.
 
     python benchmarks/allocator_ab.py --rounds=2                        # finds libjemalloc.so.2
     python benchmarks/allocator_ab.py --preload=/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4
+    python benchmarks/allocator_ab.py --preload=none                    # the first two only
 
 XLA:CPU allocates its large step buffers fresh on every step; with glibc's malloc they are
 `mmap`ed and returned, so the kernel zero-fills every page again (millions of minor page faults
-per step, see the README's CPU notes). A caching allocator that keeps freed memory (jemalloc
-with `dirty_decay_ms:-1,muzzy_decay_ms:-1`, the default `--malloc_conf`) avoids that, at the
-price of a larger resident set. Each round runs `benchmarks/train_step.py` once per allocator in
-a fresh process (the allocator must be loaded before Python starts) and records its median step
-time with the child's minor page faults, system CPU time and peak RSS (`os.wait4`). Writes
-benchmarks/results/allocator_ab.json (or --out) with the CPU model.
+per step, see the README's CPU notes). Three ways around it, one fresh process each (the
+allocator must be chosen before Python starts), alternating in every round:
+
+- `default`: glibc as it comes (`T5LITE_MALLOC=system`, so train_step.py does not re-exec);
+- `hugepages`: glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`;
+- `preloaded`: a caching allocator that keeps freed memory (jemalloc with
+  `dirty_decay_ms:-1,muzzy_decay_ms:-1`, the default `--malloc_conf`), at the price of a larger
+  resident set; left out when none is installed and `--preload` is not given.
+
+The `t5lite` command picks one of these for itself (t5lite/host_malloc.py, `T5LITE_MALLOC`).
+
+Each runs `benchmarks/train_step.py` and records its median step time with the child's minor
+page faults, system CPU time and peak RSS (`os.wait4`). Writes benchmarks/results/allocator_ab.json
+(or --out) with the CPU model; `speedup` maps each variant to default's step time over its own.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from t5lite.host_malloc import CHOICE, TUNABLE  # noqa: E402  (no JAX import)
+
 CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
               "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib64/libtcmalloc.so.4")
 DEFAULT_MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -39,8 +50,11 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def find_allocator(path: str | None) -> str:
-    """The library to preload: `path` if given, else the first installed candidate."""
+def find_allocator(path: str | None) -> str | None:
+    """The library to preload: `path` if given ("none": no library), else the first installed
+    candidate, else None (that variant is then left out)."""
+    if path == "none":
+        return None
     if path:
         if not os.path.isfile(path):
             fail(f"--preload={path!r} does not exist; pass the path of a caching allocator's "
@@ -49,14 +63,21 @@ def find_allocator(path: str | None) -> str:
     for candidate in CANDIDATES:
         if os.path.isfile(candidate):
             return candidate
-    fail(f"no caching allocator found (looked for {', '.join(CANDIDATES)}); install one "
-         "(Debian/Ubuntu: `apt-get install libjemalloc2`) or pass --preload=PATH.")
+    print(f"no caching allocator found (looked for {', '.join(CANDIDATES)}): timing glibc only "
+          "(Debian/Ubuntu: `apt-get install libjemalloc2`, or pass --preload=PATH)", flush=True)
+    return None
 
 
-def allocator_env(preload: str | None, malloc_conf: str) -> dict[str, str]:
-    """The child's environment: the parent's, plus LD_PRELOAD (and jemalloc's MALLOC_CONF)."""
+def allocator_env(preload: str | None, malloc_conf: str, *,
+                  hugepages: bool = False) -> dict[str, str]:
+    """The child's environment: the parent's with no allocator choice of its own, plus
+    LD_PRELOAD (and jemalloc's MALLOC_CONF), or glibc's huge-page tunable."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env.pop("GLIBC_TUNABLES", None)
+    env[CHOICE] = "system"  # train_step.py would otherwise re-exec with its own choice
+    if hugepages:
+        env["GLIBC_TUNABLES"] = f"{TUNABLE}=1"
     if preload:
         env["LD_PRELOAD"] = preload
         if "jemalloc" in os.path.basename(preload) and malloc_conf:
@@ -86,7 +107,8 @@ def run_once(step_args: list[str], env: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preload", default=None, help="allocator library (default: found)")
+    parser.add_argument("--preload", default=None,
+                        help="allocator library (default: found; 'none': glibc variants only)")
     parser.add_argument("--malloc_conf", default=DEFAULT_MALLOC_CONF,
                         help="MALLOC_CONF for jemalloc ('' = its defaults)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -102,10 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     from train_step import machine  # noqa: E402  (after the argument checks: imports jax)
 
     step_args = [f"--dtype={args.dtype}", *args.step_args.split()]
-    runs: dict[str, list[dict]] = {"default": [], "preloaded": []}
+    variants = {"default": allocator_env(None, ""),
+                "hugepages": allocator_env(None, "", hugepages=True)}
+    if preload:
+        variants["preloaded"] = allocator_env(preload, args.malloc_conf)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name, lib in (("default", None), ("preloaded", preload)):
-            res = run_once(step_args, allocator_env(lib, args.malloc_conf))
+        for name, env in variants.items():
+            res = run_once(step_args, env)
             runs[name].append(res)
             print(f"round {r + 1} {name:9s}: {res['step_s']:.3f} s/step, "
                   f"{res['minor_faults'] / 1e6:.2f} M minor faults, system {res['system_s']:.1f} s,"
@@ -114,11 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
                       "minor_faults": statistics.median(r["minor_faults"] for r in rs),
                       "max_rss_mib": max(r["max_rss_mib"] for r in rs)}
                for name, rs in runs.items()}
-    speedup = summary["default"]["step_s"] / summary["preloaded"]["step_s"]
+    speedup = {name: summary["default"]["step_s"] / summary[name]["step_s"] for name in runs}
     where = machine()
-    print(f"{where.get('cpu_model')}: default {summary['default']['step_s']:.3f} s, "
-          f"{os.path.basename(preload)} {summary['preloaded']['step_s']:.3f} s: "
-          f"{speedup:.2f}x", flush=True)
+    print(f"{where.get('cpu_model')}: " + ", ".join(
+        f"{name} {summary[name]['step_s']:.3f} s ({speedup[name]:.2f}x)" for name in runs),
+        flush=True)
     result = {"benchmark": "allocator_ab", "preload": preload,
               "malloc_conf": args.malloc_conf, "step_args": step_args, "runs": runs,
               "summary": summary, "speedup": speedup, "machine": where,

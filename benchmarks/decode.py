@@ -29,6 +29,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5lite/host_malloc.py)
+    from t5lite.host_malloc import reexec_with_chosen_malloc
+
+    reexec_with_chosen_malloc()
+
 import jax  # noqa: E402
 
 from t5lite.inference import Generator  # noqa: E402

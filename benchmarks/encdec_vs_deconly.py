@@ -37,6 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5lite/host_malloc.py)
+    from t5lite.host_malloc import reexec_with_chosen_malloc
+
+    reexec_with_chosen_malloc()
+
 from t5lite.config import ModelConfig  # noqa: E402
 from t5lite.train import flops as F  # noqa: E402
 from timing import median_seconds  # noqa: E402

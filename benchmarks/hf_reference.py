@@ -64,9 +64,16 @@ def build_hf_model(cfg: ModelConfig):
 
 
 class HFTrainStep:
-    """One AdamW step of transformers' T5 on a fixed batch; `time()` returns seconds per step."""
+    """One AdamW step of transformers' T5 on a fixed batch; `time()` returns seconds per step.
 
-    def __init__(self, cfg: ModelConfig, batch: dict, threads: int | None = None, seed: int = 0):
+    `autocast="bfloat16"` runs the forward pass (and so the backward's matmuls) under
+    `torch.autocast("cpu", torch.bfloat16)` with float32 weights and optimizer state: PyTorch's
+    mixed precision, what transformers' Trainer does with `bf16=True` on a CPU, and the
+    counterpart of t5lite's `ModelConfig.dtype="bfloat16"` (float32 parameters, bfloat16 compute).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: dict, threads: int | None = None, seed: int = 0,
+                 autocast: str | None = None):
         import torch
 
         if threads:
@@ -78,9 +85,13 @@ class HFTrainStep:
         self.inputs = torch.from_numpy(batch["encoder_input_tokens"]).long()
         self.labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
         self.dec_in = torch.from_numpy(batch["decoder_input_tokens"]).long()
+        self.autocast = autocast
 
     def step(self) -> float:
-        out = self.model(input_ids=self.inputs, decoder_input_ids=self.dec_in, labels=self.labels)
+        with self.torch.autocast("cpu", dtype=getattr(self.torch, self.autocast or "float32"),
+                                 enabled=self.autocast is not None):
+            out = self.model(input_ids=self.inputs, decoder_input_ids=self.dec_in,
+                             labels=self.labels)
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

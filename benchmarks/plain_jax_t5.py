@@ -27,6 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5lite/host_malloc.py)
+    from t5lite.host_malloc import reexec_with_chosen_malloc
+
+    reexec_with_chosen_malloc()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

@@ -42,6 +42,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5lite/host_malloc.py)
+    from t5lite.host_malloc import reexec_with_chosen_malloc
+
+    reexec_with_chosen_malloc()
+
 import jax  # noqa: E402
 from cpu_info import cpu_model  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
@@ -262,7 +267,9 @@ def machine() -> dict:
     return {"platform": dev.platform, "device_kind": dev.device_kind,
             "devices": jax.device_count(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
             "load_average_1min": round(os.getloadavg()[0], 2),
-            "host": platform.platform(), "jax": jax.__version__}
+            "host": platform.platform(), "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "ld_preload": os.environ.get("LD_PRELOAD", "")}
 
 
 def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,

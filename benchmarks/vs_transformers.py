@@ -35,6 +35,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5lite/host_malloc.py)
+    from t5lite.host_malloc import reexec_with_chosen_malloc
+
+    reexec_with_chosen_malloc()
+
 import jax  # noqa: E402
 
 from hf_reference import HFGenerate, HFTrainStep, build_hf_model  # noqa: E402
@@ -46,15 +51,20 @@ from t5lite.train.losses import LossConfig  # noqa: E402
 
 
 def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
-                  steps: int, warmup: int, threads: int, mesh=None, log=print) -> dict:
-    """Alternate t5lite and transformers AdamW steps on the same batch; medians and ratio."""
+                  steps: int, warmup: int, threads: int, mesh=None, log=print,
+                  transformers_dtype: str = "float32") -> dict:
+    """Alternate t5lite and transformers AdamW steps on the same batch; medians and ratio.
+
+    `transformers_dtype="bfloat16"`: transformers trains under `torch.autocast` (bfloat16
+    compute, float32 weights), as t5lite does with `cfg.dtype="bfloat16"`."""
     host = synthetic_batch(batch_size, inputs_length, targets_length, cfg.vocab_size)
     ours = TrainStepBench(cfg, batch_size=batch_size, inputs_length=inputs_length,
                           targets_length=targets_length, optimizer=adamw_config(),
                           loss=LossConfig(z_loss=0.0), mesh=mesh)
     compile_s = ours.compile()
     log(f"t5lite train step compiled in {compile_s:.1f} s")
-    theirs = HFTrainStep(cfg, host, threads=threads)
+    theirs = HFTrainStep(cfg, host, threads=threads,
+                         autocast="bfloat16" if transformers_dtype == "bfloat16" else None)
     ours.time_steps(warmup)
     theirs.time(warmup)
     t_ours, t_theirs = [], []
@@ -70,6 +80,7 @@ def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targ
         "t5lite_step_times_s": t_ours, "transformers_step_times_s": t_theirs,
         "t5lite_tokens_per_s": tokens / ours_s, "transformers_tokens_per_s": tokens / theirs_s,
         "ratio": theirs_s / ours_s, "t5lite_compile_s": compile_s,
+        "transformers_dtype": transformers_dtype,
         "t5lite_model_flops_per_s": ours.model_flops / ours_s,
         "transformers_model_flops_per_s": ours.model_flops / theirs_s,
         "t5lite_last_loss": ours.last_loss,
@@ -260,8 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "(t5lite.inference.CROSS_ATTENTION_FORMS)")
     parser.add_argument("--transformers_dtype", default="float32",
                         choices=["float32", "bfloat16"],
-                        help="dtype of transformers' model for decoding (its weights are cast "
-                        "after t5lite took the float32 ones)")
+                        help="transformers' dtype: for decoding its weights are cast after "
+                        "t5lite took the float32 ones; for training, bfloat16 is torch.autocast "
+                        "(float32 weights, bfloat16 compute)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -288,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_train and not args.skip_transformers:
         train = compare_train(cfg, batch_size=args.batch_size, inputs_length=args.inputs_length,
                               targets_length=args.targets_length, steps=args.steps,
-                              warmup=args.warmup, threads=args.threads)
+                              warmup=args.warmup, threads=args.threads,
+                              transformers_dtype=args.transformers_dtype)
         result["train"] = train
         print(f"train  t5lite {train['t5lite_tokens_per_s']:.0f} tokens/s "
               f"({train['t5lite_step_s']:.2f} s/step), transformers "

@@ -176,7 +176,16 @@ def run_verb(verb: str, args: list[str]) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script: `main(["t5lite", verb, *flags])`."""
+    """Entry point of the console script: `main(["t5lite", verb, *flags])`.
+
+    Run as a program (`argv` None), it first re-executes itself with the host memory
+    allocator `T5LITE_MALLOC` asks for (`t5lite.host_malloc`: jemalloc or glibc's huge pages by
+    default where they help; `T5LITE_MALLOC=system` keeps the process as started).
+    """
+    if argv is None:
+        from t5lite.host_malloc import reexec_with_chosen_malloc
+
+        reexec_with_chosen_malloc()
     argv = list(sys.argv if argv is None else argv)
     from t5lite import quiet_tf
 

@@ -307,6 +307,11 @@ def test_allocator_ab_environment_and_bad_input(tmp_path):
     assert "MALLOC_CONF" not in tcmalloc or tcmalloc["MALLOC_CONF"] == os.environ.get(
         "MALLOC_CONF")
     assert "LD_PRELOAD" not in allocator_env(None, "")
+    for env in (jemalloc, allocator_env(None, "")):  # neither re-execs with huge pages
+        assert env["T5LITE_MALLOC"] == "system" and "GLIBC_TUNABLES" not in env
+    hugepages = allocator_env(None, "", hugepages=True)
+    assert hugepages["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "LD_PRELOAD" not in hugepages
     script = os.path.join(ROOT, "benchmarks", "allocator_ab.py")
     for bad in (["--preload", str(tmp_path / "missing.so")], ["--rounds=0"]):
         proc = subprocess.run([sys.executable, script, *bad, "--out", str(tmp_path / "o.json")],
@@ -331,7 +336,8 @@ def test_allocator_ab_runs_train_step_per_allocator(tmp_path):
                    "--inputs_length=16 --targets_length=8 --steps=1 --warmup=0 "
                    "--gin=ModelConfig.num_encoder_layers=1 --gin=ModelConfig.num_decoder_layers=1"])
     assert json.loads(out.read_text())["speedup"] == pytest.approx(result["speedup"])
-    for name in ("default", "preloaded"):
+    assert set(result["speedup"]) == {"default", "hugepages", "preloaded"}
+    for name in ("default", "hugepages", "preloaded"):
         run = result["runs"][name][0]
         assert run["step_s"] > 0 and run["minor_faults"] > 0 and run["max_rss_mib"] > 10
 
@@ -390,3 +396,18 @@ def test_attention_module_ab_compares_against_a_git_revision():
             assert len(r["before_times_s"]) == len(r["after_times_s"]) == 2
             assert r["before_s"] > 0 and r["after_s"] > 0
             assert r["max_abs_diff"] < (1e-5 if name == "float32" else 5e-2)
+
+
+def test_cpu_description_names_family_model_and_best_matmul_isa():
+    """A masked VM model name still says which CPU kind and matmul instructions a figure had."""
+    from cpu_info import cpu_model, describe_cpu
+
+    amd = ("processor : 0\nmodel name : AMD EPYC\ncpu family : 26\nmodel : 2\n"
+           "flags : fpu avx2 avx512f avx512_bf16\n\nprocessor : 1\nmodel name : other\n")
+    assert describe_cpu(amd) == "AMD EPYC (family 26, model 2; avx512_bf16)"
+    intel = ("model name : Intel(R) Xeon(R) Platinum\ncpu family : 6\nmodel : 143\n"
+             "flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert describe_cpu(intel) == "Intel(R) Xeon(R) Platinum (family 6, model 143; amx_bf16)"
+    assert describe_cpu("model name : Some CPU\nflags : sse2\n") == "Some CPU"
+    assert describe_cpu("flags : avx2\n") == ""
+    assert cpu_model()  # this machine's, whatever it is

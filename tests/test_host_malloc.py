@@ -1,0 +1,162 @@
+"""The host allocator chosen by the `t5lite` entry point's re-exec (t5lite/host_malloc.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from t5lite import host_malloc as hm
+from t5lite.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JEMALLOC = hm.find_jemalloc()
+HUGEPAGES_HELP = (hm.transparent_hugepage_mode() == "madvise"
+                  and (hm.glibc_version() or (0, 0)) >= hm.MIN_GLIBC)
+needs_madvise_thp = pytest.mark.skipif(
+    not HUGEPAGES_HELP, reason="needs transparent huge pages in `madvise` mode and glibc >= 2.35")
+needs_jemalloc = pytest.mark.skipif(
+    JEMALLOC is None, reason="libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")
+LIB = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def plan(environ, thp="madvise", glibc=(2, 36), jemalloc=LIB, accelerator=False):
+    return hm.malloc_plan(environ, thp_mode=thp, glibc=glibc, jemalloc=jemalloc,
+                          accelerator=accelerator)
+
+
+def test_auto_prefers_jemalloc_on_cpu_hosts_then_glibc_huge_pages():
+    p = plan({"PATH": "/bin"})
+    assert p.name == "jemalloc"
+    assert p.env == {"PATH": "/bin", "LD_PRELOAD": LIB, "MALLOC_CONF": hm.JEMALLOC_CONF,
+                     hm.CHOSEN: "jemalloc"}
+    p = plan({"LD_PRELOAD": "/opt/libfoo.so", "MALLOC_CONF": "narenas:2"})
+    assert p.env["LD_PRELOAD"] == f"{LIB}:/opt/libfoo.so"
+    assert p.env["MALLOC_CONF"] == "narenas:2"  # the user's
+    for no_jemalloc in ({"jemalloc": None}, {"accelerator": True}):
+        p = plan({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **no_jemalloc)
+        assert p.name == "hugepages" and "LD_PRELOAD" not in p.env
+        assert p.env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+        assert p.env[hm.CHOSEN] == "hugepages"
+    for thp, glibc in (("always", (2, 36)),   # the kernel already gives huge pages
+                       ("never", (2, 36)),    # it cannot
+                       (None, (2, 36)),       # no THP at all
+                       ("madvise", (2, 34)),  # glibc without the tunable
+                       ("madvise", None)):    # not glibc
+        assert plan({}, thp=thp, glibc=glibc, jemalloc=None) is None
+
+
+def test_the_users_choice_and_a_finished_reexec_are_kept():
+    for environ in ({hm.CHOICE: "system"},
+                    {hm.CHOSEN: "jemalloc"},                        # already re-executed
+                    {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"},      # the user's allocator
+                    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}):   # the user's tunable
+        assert plan(environ) is None
+    assert plan({hm.CHOICE: " JEMALLOC "}).name == "jemalloc"
+    assert plan({hm.CHOICE: "jemalloc"}, accelerator=True).name == "jemalloc"
+    assert plan({hm.CHOICE: "hugepages"}, thp="always").name == "hugepages"
+
+
+def test_bad_choices_are_refused_with_what_to_do():
+    with pytest.raises(UserError, match=r"T5LITE_MALLOC='tcmalloc' is not one of auto, "
+                                        r"jemalloc, hugepages, system"):
+        plan({hm.CHOICE: "tcmalloc"})
+    with pytest.raises(UserError, match="no libjemalloc.so.2 is installed.*apt-get install "
+                                        "libjemalloc2"):
+        plan({hm.CHOICE: "jemalloc"}, jemalloc=None)
+    with pytest.raises(UserError, match="needs glibc >= 2.35 \\(this C library: glibc 2.31\\)"):
+        plan({hm.CHOICE: "hugepages"}, glibc=(2, 31))
+
+
+def test_transparent_hugepage_mode_reads_the_bracketed_word(tmp_path):
+    mode_file = tmp_path / "enabled"
+    mode_file.write_text("always [madvise] never\n")
+    assert hm.transparent_hugepage_mode(str(mode_file)) == "madvise"
+    mode_file.write_text("[always] madvise never\n")
+    assert hm.transparent_hugepage_mode(str(mode_file)) == "always"
+    mode_file.write_text("garbage\n")
+    assert hm.transparent_hugepage_mode(str(mode_file)) is None
+    assert hm.transparent_hugepage_mode(str(tmp_path / "missing")) is None
+
+
+# Allocates and touches 64 MiB through malloc; prints what the process runs with.
+_PROBE = r"""
+import ctypes, os, sys
+from t5lite.host_malloc import reexec_with_chosen_malloc
+print("image", os.getpid(), flush=True)
+reexec_with_chosen_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 64 << 20
+ctypes.memset(libc.malloc(size), 1, size)
+huge_kb = 0
+with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+        if line.startswith("AnonHugePages:"):
+            huge_kb = int(line.split()[1])
+jemalloc = "libjemalloc" in open("/proc/self/maps").read()
+print("chosen", os.environ.get("T5LITE_MALLOC_CHOSEN"), "jemalloc_mapped", jemalloc,
+      "argv", sys.argv[1:], "huge_kb", huge_kb)
+"""
+
+
+def _probe(extra_env: dict[str, str]) -> tuple[int, list[str]]:
+    """(number of process images, words of the final line) of the probe run with `extra_env`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", hm.CHOICE, hm.CHOSEN)}
+    env.update(extra_env, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, "a", "--b=c"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    images = {line for line in lines if line.startswith("image")}
+    assert len(images) == 1  # one PID, whether or not it re-executed
+    return sum(line.startswith("image") for line in lines), lines[-1].split()
+
+
+@needs_madvise_thp
+def test_reexec_with_glibc_huge_pages_keeps_pid_and_argv():
+    images, words = _probe({hm.CHOICE: "hugepages"})
+    assert images == 2 and words[1] == "hugepages" and words[3] == "False"
+    assert "['a', '--b=c']" in " ".join(words)
+    assert int(words[-1]) >= 32 << 10  # most of the 64 MiB buffer sits on 2 MiB pages
+
+    images, words = _probe({hm.CHOICE: "system"})  # as started: one image, 4 KiB pages
+    assert images == 1 and words[1] == "None" and int(words[-1]) < 32 << 10
+
+
+@needs_jemalloc
+def test_reexec_with_jemalloc_where_installed():
+    images, words = _probe({})  # auto, on this CPU host
+    expected = "hugepages" if hm.has_accelerator() else "jemalloc"
+    assert images == 2 and words[1] == expected
+    assert words[3] == str(expected == "jemalloc")
+    images, words = _probe({hm.CHOICE: "jemalloc"})
+    assert images == 2 and words[1:4] == ["jemalloc", "jemalloc_mapped", "True"]
+
+
+def test_t5lite_entry_reexecutes_a_library_call_does_not_and_bad_choices_exit_2():
+    probe = ("import atexit, os, sys; sys.argv = ['t5lite', '--help']; "
+             "atexit.register(lambda: print('CHOSEN', os.environ.get('T5LITE_MALLOC_CHOSEN'))); "
+             "from t5lite.cli import main; main({})")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", hm.CHOICE, hm.CHOSEN)}
+    env["PYTHONPATH"] = ROOT
+    expected = "None"
+    if JEMALLOC and not hm.has_accelerator():
+        expected = "jemalloc"
+    elif HUGEPAGES_HELP:
+        expected = "hugepages"
+    for call, chosen in (("", expected), ("sys.argv", "None")):
+        out = subprocess.run([sys.executable, "-c", probe.format(call)], env=env,
+                             capture_output=True, text=True, timeout=120).stdout
+        assert f"CHOSEN {chosen}" in out, out
+    proc = subprocess.run([sys.executable, "-c", probe.format("")],
+                          env={**env, hm.CHOICE: "fast"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: T5LITE_MALLOC='fast' is not one of auto, jemalloc, hugepages, system; "
+        "unset it for the default (auto)."]
