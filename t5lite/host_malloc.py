@@ -16,9 +16,12 @@ has fragmented free memory in between. Two remedies, measured on a 2-vCPU AMD EP
   ~10× fewer faults, the same resident memory (float32 step 3.0 M → 0.25 M faults, 1.05-1.19×).
 
 Both must be in place before the process starts (the dynamic loader reads `LD_PRELOAD`, glibc
-reads its tunables once), so `t5lite`'s console entry point (and the benchmarks) re-execute
-themselves once, before anything else is imported: same PID, same command line
-(`sys.orig_argv`). `T5LITE_MALLOC` chooses:
+reads its tunables once), so the `t5lite` command (and the benchmarks) re-execute themselves
+once, before JAX is imported: same PID, same command line (`sys.orig_argv`). For the command
+this happens in `import t5lite` itself when the process is `t5lite ...` or `python -m
+t5lite.cli ...` (`reexec_if_t5lite_command`), since importing the package imports JAX on hosts
+with libtpu installed, and again (a no-op by then) in `t5lite.cli.main`. `T5LITE_MALLOC`
+chooses:
 
 | `T5LITE_MALLOC` | what the process runs with |
 |---|---|
@@ -149,6 +152,35 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
         return None
     env[CHOSEN] = name
     return MallocPlan(name, env)
+
+
+def is_t5lite_command(orig_argv: list[str]) -> bool:
+    """Whether the command line (`sys.orig_argv`) runs the `t5lite` command.
+
+    >>> is_t5lite_command(["/venv/bin/python", "/venv/bin/t5lite", "train"])
+    True
+    >>> is_t5lite_command(["python", "-u", "-m", "t5lite.cli", "info"])
+    True
+    >>> is_t5lite_command(["python", "-m", "pytest", "tests", "-m", "t5lite.cli"])
+    False
+    """
+    args = iter(orig_argv[1:])
+    for arg in args:  # the interpreter's options, up to the script or module
+        if arg == "-m":
+            return next(args, "") in ("t5lite.cli", "t5lite")
+        if arg == "-c":
+            return False
+        if arg in ("-X", "-W", "-Q"):
+            next(args, None)  # the option's value
+        elif not arg.startswith("-"):
+            return os.path.basename(arg) == "t5lite"  # the script
+    return False
+
+
+def reexec_if_t5lite_command() -> None:
+    """`reexec_with_chosen_malloc()` when this process is the `t5lite` command, else nothing."""
+    if is_t5lite_command(list(getattr(sys, "orig_argv", []))):
+        reexec_with_chosen_malloc()
 
 
 def reexec_with_chosen_malloc() -> None:

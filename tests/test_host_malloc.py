@@ -70,6 +70,15 @@ def test_bad_choices_are_refused_with_what_to_do():
         plan({hm.CHOICE: "hugepages"}, glibc=(2, 31))
 
 
+def test_the_t5lite_command_is_recognised_from_the_interpreter_command_line():
+    assert hm.is_t5lite_command(["/v/bin/python3", "/v/bin/t5lite", "train", "-m", "x"])
+    assert hm.is_t5lite_command(["python", "-X", "importtime", "-m", "t5lite.cli", "info"])
+    assert hm.is_t5lite_command(["python", "-m", "t5lite"])
+    for other in (["python", "-m", "pytest", "-m", "t5lite.cli"], ["python", "-c", "t5lite"],
+                  ["python", "bench.py", "t5lite"], ["python"], []):
+        assert not hm.is_t5lite_command(other)
+
+
 def test_transparent_hugepage_mode_reads_the_bracketed_word(tmp_path):
     mode_file = tmp_path / "enabled"
     mode_file.write_text("always [madvise] never\n")
