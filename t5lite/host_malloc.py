@@ -5,15 +5,17 @@ batch 8 × 512) with `malloc` on every step. glibc serves each from a fresh `mma
 on `free`, so the kernel zero-fills every page again on the next step: ~3 M minor page faults
 per train step, and more when other work in the process (the data pipeline, another framework)
 has fragmented free memory in between. Two remedies, measured on a 2-vCPU AMD EPYC VM
-(README, "The CPU train step and the allocator"):
+(README, Performance, "AMD EPYC (Zen 5): where things stand, and the host allocator"):
 
 - **jemalloc** preloaded with purging off (`MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`):
-  freed memory is kept and reused, so after the first step there is almost nothing to fault in
-  (bfloat16 AdamW step 3.5 → 2.9-3.0 s). The price is a larger resident set: memory freed once
-  is kept for the process's life (peak RSS 4.4 → 4.7-7.2 GiB for that step).
+  freed memory is kept and reused, so after the first step there is little to fault in. The
+  float32 Adafactor step alone: 5.41 / 4.54 → 4.00 / 4.45 s; the float32 AdamW step beside
+  transformers in one process: 7.78 / 7.98 → 4.02 / 4.23 s. The price is a larger resident set:
+  memory freed once is kept for the process's life (peak RSS 4.5 → 4.7-7.2 GiB for that step).
 - **glibc's huge pages** (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc ≥ 2.35, where the
   kernel's transparent-huge-page mode is `madvise`): one 2 MiB page per fault instead of 4 KiB,
-  ~10× fewer faults, the same resident memory (float32 step 3.0 M → 0.25 M faults, 1.05-1.19×).
+  the same resident memory. The float32 Adafactor step alone: 4.3 M → 0.25 M faults, 5.41 / 4.54
+  → 4.75 / 4.69 s; beside transformers in one process it does not help (7.25 s).
 
 Both must be in place before the process starts (the dynamic loader reads `LD_PRELOAD`, glibc
 reads its tunables once), so the `t5lite` command (and the benchmarks) re-execute themselves
