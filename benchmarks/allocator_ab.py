@@ -37,11 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from t5lite.host_malloc import CHOICE, TUNABLE  # noqa: E402  (no JAX import)
+from t5lite.host_malloc import (  # noqa: E402  (no JAX import)
+    CHOICE, JEMALLOC_CONF as DEFAULT_MALLOC_CONF, JEMALLOC_PATHS, TUNABLE)
 
-CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-              "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib64/libtcmalloc.so.4")
-DEFAULT_MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+CANDIDATES = (*JEMALLOC_PATHS, "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+              "/usr/lib64/libtcmalloc.so.4")
 
 
 def fail(message: str) -> None:

@@ -11,7 +11,7 @@ has fragmented free memory in between. Two remedies, measured on a 2-vCPU AMD EP
   freed memory is kept and reused, so after the first step there is little to fault in. The
   float32 Adafactor step alone: 5.41 / 4.54 → 4.00 / 4.45 s; the float32 AdamW step beside
   transformers in one process: 7.78 / 7.98 → 4.02 / 4.23 s. The price is a larger resident set:
-  memory freed once is kept for the process's life (peak RSS 4.5 → 4.7-7.2 GiB for that step).
+  memory freed once is kept for the process's life (peak RSS 4.4 → 4.6-7.0 GiB for that step).
 - **glibc's huge pages** (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc ≥ 2.35, where the
   kernel's transparent-huge-page mode is `madvise`): one 2 MiB page per fault instead of 4 KiB,
   the same resident memory. The float32 Adafactor step alone: 4.3 M → 0.25 M faults, 5.41 / 4.54
@@ -192,6 +192,8 @@ def reexec_with_chosen_malloc() -> None:
     (same PID, same command line), so work done before the call is done twice. Returns (does
     nothing) when no re-exec is needed; a bad `T5LITE_MALLOC` is one `error:` line and exit 2.
     """
+    if os.environ.get(CHOSEN):
+        return  # the re-executed process (or one it started): no probing, no ldconfig call
     try:
         plan = malloc_plan(os.environ, thp_mode=transparent_hugepage_mode(),
                            glibc=glibc_version(), jemalloc=find_jemalloc(),
