@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 --steps=5 --dtype=bfloat16
 	$(PY) benchmarks/vs_transformers.py
 	$(PY) benchmarks/vs_transformers.py --skip_decode --dtype=bfloat16 --transformers_dtype=bfloat16
+	$(PY) benchmarks/vs_transformers.py --skip_decode --transformers_process=separate --out=benchmarks/results/vs_transformers_float32_separate.json
 	$(PY) benchmarks/allocator_ab.py --rounds=2
 	$(PY) benchmarks/plain_jax_t5.py --rounds=3
 	$(PY) benchmarks/data_throughput.py --cases=demo_span_corruption:512:114

@@ -11,6 +11,8 @@ allocator must be chosen before Python starts), alternating in every round:
 
 - `default`: glibc as it comes (`T5LITE_MALLOC=system`, so train_step.py does not re-exec);
 - `hugepages`: glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`;
+- `retain`: glibc keeping what it frees (`host_malloc.RETAIN_TUNABLES`: no mmap'd chunks, no
+  trimming, one arena), with the huge-page tunable too, as `T5LITE_MALLOC=retain` sets them;
 - `preloaded`: a caching allocator that keeps freed memory (jemalloc with
   `dirty_decay_ms:-1,muzzy_decay_ms:-1`, the default `--malloc_conf`), at the price of a larger
   resident set; left out when none is installed and `--preload` is not given.
@@ -38,7 +40,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from t5lite.host_malloc import (  # noqa: E402  (no JAX import)
-    CHOICE, JEMALLOC_CONF as DEFAULT_MALLOC_CONF, JEMALLOC_PATHS, TUNABLE)
+    CHOICE, JEMALLOC_CONF as DEFAULT_MALLOC_CONF, JEMALLOC_PATHS, RETAIN_TUNABLES, TUNABLE,
+    with_tunables)
 
 CANDIDATES = (*JEMALLOC_PATHS, "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
               "/usr/lib64/libtcmalloc.so.4")
@@ -69,15 +72,15 @@ def find_allocator(path: str | None) -> str | None:
 
 
 def allocator_env(preload: str | None, malloc_conf: str, *,
-                  hugepages: bool = False) -> dict[str, str]:
+                  tunables: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: the parent's with no allocator choice of its own, plus
-    LD_PRELOAD (and jemalloc's MALLOC_CONF), or glibc's huge-page tunable."""
+    LD_PRELOAD (and jemalloc's MALLOC_CONF), or glibc `tunables`."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env.pop("GLIBC_TUNABLES", None)
     env[CHOICE] = "system"  # train_step.py would otherwise re-exec with its own choice
-    if hugepages:
-        env["GLIBC_TUNABLES"] = f"{TUNABLE}=1"
+    if tunables:
+        env["GLIBC_TUNABLES"] = with_tunables("", tunables)
     if preload:
         env["LD_PRELOAD"] = preload
         if "jemalloc" in os.path.basename(preload) and malloc_conf:
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     step_args = [f"--dtype={args.dtype}", *args.step_args.split()]
     variants = {"default": allocator_env(None, ""),
-                "hugepages": allocator_env(None, "", hugepages=True)}
+                "hugepages": allocator_env(None, "", tunables={TUNABLE: "1"}),
+                "retain": allocator_env(None, "", tunables={**RETAIN_TUNABLES, TUNABLE: "1"})}
     if preload:
         variants["preloaded"] = allocator_env(preload, args.malloc_conf)
     runs: dict[str, list[dict]] = {name: [] for name in variants}

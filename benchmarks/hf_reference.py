@@ -7,12 +7,24 @@ exactly as a user of transformers would run them.
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
 
-from t5lite.config import ModelConfig
+if __name__ == "__main__":  # run as the train worker: t5lite (for ModelConfig) from this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t5lite.config import ModelConfig  # noqa: E402
+from t5lite.host_malloc import ALLOCATOR_VARIABLES  # noqa: E402
+
+WORKER_PREFIX = "@@hf-train-worker "
 
 
 def hf_config(cfg: ModelConfig):
@@ -105,6 +117,81 @@ class HFTrainStep:
             times.append(time.perf_counter() - start)
         return times
 
+    @property
+    def num_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+
+class HFTrainStepProcess:
+    """`HFTrainStep` in a Python process of its own, driven over a pipe: `time(n)` runs n
+    steps there and returns their times, measured there.
+
+    A user runs one framework per process. Sharing one with t5lite gives both the allocator
+    t5lite re-executed itself with and lets each framework's heap use shape the other's (README,
+    "AMD EPYC (Zen 5)": "One framework per process"). In a separate process each side keeps its
+    own heap, while the steps still alternate in time on the same cores. `env` is the worker's environment (default: this one); the benchmarks pass
+    `host_malloc.environment_as_started`, so transformers runs with the allocator its user's
+    shell gives it rather than the one t5lite re-executed itself with.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: dict, threads: int | None = None,
+                 seed: int = 0, autocast: str | None = None,
+                 env: dict[str, str] | None = None):
+        with tempfile.NamedTemporaryFile("wb", suffix=".pkl", delete=False) as f:
+            pickle.dump({"cfg": cfg, "batch": batch, "threads": threads, "seed": seed,
+                         "autocast": autocast}, f)
+            self._spec = f.name
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--train_worker", self._spec],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        ready = self._reply()
+        self.num_params = ready["num_params"]
+        self.worker_env = ready["env"]  # the allocator variables the worker saw
+        self.worker_pid = ready["pid"]
+
+    def _reply(self) -> dict:
+        """The worker's next protocol line (other output is passed on to stderr)."""
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_PREFIX):
+                return json.loads(line[len(WORKER_PREFIX):])
+            sys.stderr.write(line)
+        self.close()
+        raise RuntimeError(f"the transformers train worker exited (status "
+                           f"{self.proc.returncode}) before answering; its errors are above")
+
+    def time(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()["times"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.exists(self._spec):
+            os.unlink(self._spec)
+
+
+def train_worker(spec_path: str) -> None:
+    """The worker side of `HFTrainStepProcess`: builds the step, answers `ready`, then runs
+    the number of steps each stdin line asks for until stdin closes."""
+    with open(spec_path, "rb") as f:
+        spec = pickle.load(f)
+    step = HFTrainStep(spec["cfg"], spec["batch"], threads=spec["threads"], seed=spec["seed"],
+                       autocast=spec["autocast"])
+    env = {k: os.environ.get(k, "") for k in ALLOCATOR_VARIABLES}
+    ready = {"num_params": step.num_params, "env": env, "pid": os.getpid()}
+    print(WORKER_PREFIX + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        print(WORKER_PREFIX + json.dumps({"times": step.time(int(line))}), flush=True)
+
 
 class HFGenerate:
     """Greedy `generate` of transformers' T5 (KV cache on), fixed number of new tokens."""
@@ -135,3 +222,10 @@ class HFGenerate:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--train_worker":
+        raise SystemExit("usage: hf_reference.py --train_worker SPEC.pkl (started by "
+                         "HFTrainStepProcess)")
+    train_worker(sys.argv[2])

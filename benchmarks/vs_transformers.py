@@ -7,6 +7,10 @@ relative bias), both initialised with T5's init scales, the same random full-len
 (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay) and plain cross-entropy (t5lite's z-loss
 off). Steps alternate, t5lite then transformers, after warm-up steps on each side (t5lite's
 compile is timed separately). Throughput = batch * (inputs + targets) / median step time.
+By default both run in this process, so both run with the allocator t5lite re-executed itself
+with (`t5lite/host_malloc.py`). `--transformers_process=separate` runs transformers' steps in a
+worker process of its own, started with the allocator this benchmark was started with: one
+framework per process, as users run them (steps still alternate, so both see the same machine).
 
 Decode: greedy, batch 8, 512 input tokens, 64 new tokens, on the *same weights* (the
 transformers model's weights converted with `t5lite.export.hf_mapping`); EOS is disabled on both
@@ -42,37 +46,51 @@ if __name__ == "__main__":  # the allocator the `t5lite` command runs with (t5li
 
 import jax  # noqa: E402
 
-from hf_reference import HFGenerate, HFTrainStep, build_hf_model  # noqa: E402
+from hf_reference import (HFGenerate, HFTrainStep, HFTrainStepProcess,  # noqa: E402
+                          build_hf_model)
 from train_step import (TrainStepBench, adamw_config, machine, write_result,  # noqa: E402
                         model_config_from_gin, synthetic_batch)
 
 from t5lite.config import ModelConfig  # noqa: E402
+from t5lite.host_malloc import ALLOCATOR_VARIABLES, environment_as_started  # noqa: E402
 from t5lite.train.losses import LossConfig  # noqa: E402
 
 
 def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,
                   steps: int, warmup: int, threads: int, mesh=None, log=print,
-                  transformers_dtype: str = "float32") -> dict:
+                  transformers_dtype: str = "float32",
+                  transformers_process: str = "shared") -> dict:
     """Alternate t5lite and transformers AdamW steps on the same batch; medians and ratio.
 
     `transformers_dtype="bfloat16"`: transformers trains under `torch.autocast` (bfloat16
-    compute, float32 weights), as t5lite does with `cfg.dtype="bfloat16"`."""
+    compute, float32 weights), as t5lite does with `cfg.dtype="bfloat16"`.
+    `transformers_process="separate"`: transformers' steps run in a worker process of their own
+    (`HFTrainStepProcess`), with the allocator the benchmark was started with, not the one
+    t5lite re-executed itself with; the steps still alternate."""
     host = synthetic_batch(batch_size, inputs_length, targets_length, cfg.vocab_size)
     ours = TrainStepBench(cfg, batch_size=batch_size, inputs_length=inputs_length,
                           targets_length=targets_length, optimizer=adamw_config(),
                           loss=LossConfig(z_loss=0.0), mesh=mesh)
     compile_s = ours.compile()
     log(f"t5lite train step compiled in {compile_s:.1f} s")
-    theirs = HFTrainStep(cfg, host, threads=threads,
-                         autocast="bfloat16" if transformers_dtype == "bfloat16" else None)
-    ours.time_steps(warmup)
-    theirs.time(warmup)
-    t_ours, t_theirs = [], []
-    for i in range(steps):
-        t_ours += ours.time_steps(1)
-        t_theirs += theirs.time(1)
-        log(f"  train step {i + 1}/{steps}: t5lite {t_ours[-1]:.2f} s, "
-            f"transformers {t_theirs[-1]:.2f} s", flush=True)
+    autocast = "bfloat16" if transformers_dtype == "bfloat16" else None
+    if transformers_process == "separate":
+        theirs = HFTrainStepProcess(cfg, host, threads=threads, autocast=autocast,
+                                    env=environment_as_started(os.environ))
+    else:
+        theirs = HFTrainStep(cfg, host, threads=threads, autocast=autocast)
+    try:
+        ours.time_steps(warmup)
+        theirs.time(warmup)
+        t_ours, t_theirs = [], []
+        for i in range(steps):
+            t_ours += ours.time_steps(1)
+            t_theirs += theirs.time(1)
+            log(f"  train step {i + 1}/{steps}: t5lite {t_ours[-1]:.2f} s, "
+                f"transformers {t_theirs[-1]:.2f} s", flush=True)
+    finally:
+        if transformers_process == "separate":
+            theirs.close()
     tokens = batch_size * (inputs_length + targets_length)
     ours_s, theirs_s = statistics.median(t_ours), statistics.median(t_theirs)
     return {
@@ -81,10 +99,14 @@ def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targ
         "t5lite_tokens_per_s": tokens / ours_s, "transformers_tokens_per_s": tokens / theirs_s,
         "ratio": theirs_s / ours_s, "t5lite_compile_s": compile_s,
         "transformers_dtype": transformers_dtype,
+        "transformers_process": transformers_process,
+        "transformers_allocator_env": (theirs.worker_env if transformers_process == "separate"
+                                       else {k: os.environ.get(k, "")
+                                             for k in ALLOCATOR_VARIABLES}),
         "t5lite_model_flops_per_s": ours.model_flops / ours_s,
         "transformers_model_flops_per_s": ours.model_flops / theirs_s,
         "t5lite_last_loss": ours.last_loss,
-        "transformers_params": int(sum(p.numel() for p in theirs.model.parameters())),
+        "transformers_params": theirs.num_params,
     }
 
 
@@ -274,6 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="transformers' dtype: for decoding its weights are cast after "
                         "t5lite took the float32 ones; for training, bfloat16 is torch.autocast "
                         "(float32 weights, bfloat16 compute)")
+    parser.add_argument("--transformers_process", default="shared",
+                        choices=["shared", "separate"],
+                        help="train: transformers in this process (shared) or in a worker "
+                        "process of its own with the allocator this benchmark was started with "
+                        "(separate: one framework per process, as users run them)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -301,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         train = compare_train(cfg, batch_size=args.batch_size, inputs_length=args.inputs_length,
                               targets_length=args.targets_length, steps=args.steps,
                               warmup=args.warmup, threads=args.threads,
-                              transformers_dtype=args.transformers_dtype)
+                              transformers_dtype=args.transformers_dtype,
+                              transformers_process=args.transformers_process)
         result["train"] = train
         print(f"train  t5lite {train['t5lite_tokens_per_s']:.0f} tokens/s "
               f"({train['t5lite_step_s']:.2f} s/step), transformers "

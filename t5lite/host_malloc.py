@@ -4,7 +4,7 @@ XLA:CPU allocates its large step buffers (activations, gradients: gigabytes for 
 batch 8 × 512) with `malloc` on every step. glibc serves each from a fresh `mmap` and returns it
 on `free`, so the kernel zero-fills every page again on the next step: ~3 M minor page faults
 per train step, and more when other work in the process (the data pipeline, another framework)
-has fragmented free memory in between. Two remedies, measured on a 2-vCPU AMD EPYC VM
+has fragmented free memory in between. Three remedies, measured on a 2-vCPU AMD EPYC VM
 (README, Performance, "AMD EPYC (Zen 5): where things stand, and the host allocator"):
 
 - **jemalloc** preloaded with purging off (`MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`):
@@ -16,8 +16,14 @@ has fragmented free memory in between. Two remedies, measured on a 2-vCPU AMD EP
   kernel's transparent-huge-page mode is `madvise`): one 2 MiB page per fault instead of 4 KiB,
   the same resident memory. The float32 Adafactor step alone: 4.3 M → 0.25 M faults, 5.41 / 4.54
   → 4.75 / 4.69 s; beside transformers in one process it does not help (7.25 s).
+- **glibc keeping what it frees** (`T5LITE_MALLOC=retain`; measured 2026-12-07 on the same kind
+  of VM, whose kernel hands freed memory back to the host: "Free page reporting enabled"):
+  alone no faster (the float32 Adafactor step 4.86 / 5.01 s against 5.10 / 4.81 s with glibc as
+  it comes) and its peak RSS doubled (9.0 GiB) in 3 of 4 runs; it pays only when other
+  memory-heavy work alternates with t5lite's steps: the AdamW step against transformers running
+  in a separate process 1.58x, against 1.05x / 1.20x with huge pages. Never picked by `auto`.
 
-Both must be in place before the process starts (the dynamic loader reads `LD_PRELOAD`, glibc
+Each must be in place before the process starts (the dynamic loader reads `LD_PRELOAD`, glibc
 reads its tunables once), so the `t5lite` command (and the benchmarks) re-execute themselves
 once, before JAX is imported: same PID, same command line (`sys.orig_argv`). For the command
 this happens in `import t5lite` itself when the process is `t5lite ...` or `python -m
@@ -30,12 +36,16 @@ chooses:
 | `auto` (default) | jemalloc where installed on a host with no accelerator (CPU work is what the step buffers are for; on a TPU / GPU host they are device memory), else glibc's huge pages where they help, else the system's malloc |
 | `jemalloc` | jemalloc, or an error when no `libjemalloc.so.2` is installed (`apt-get install libjemalloc2`) |
 | `hugepages` | glibc's huge pages (an error with another C library or glibc < 2.35) |
+| `retain` | glibc keeping what it frees (`RETAIN_TUNABLES`: no mmap'd chunks, no trimming, one arena; huge pages too where they help), for hosts without jemalloc; never picked by `auto`, because its resident set can grow well past the step's peak (the float32 step: 4.3 GiB with glibc as it comes, 9.0 GiB in 3 of 4 runs with `retain`) |
 | `system` | whatever the process started with: no re-exec |
 
 A preloaded allocator the user chose (`LD_PRELOAD` naming jemalloc, tcmalloc or mimalloc) or a
 `glibc.malloc.hugetlb` tunable already set is kept as it is, and so is a `MALLOC_CONF` of the
 user's. The re-executed process carries `T5LITE_MALLOC_CHOSEN` (which one it got), which also
 keeps it, and every process it starts, from re-executing again.
+It also carries `T5LITE_MALLOC_STARTED_WITH`, the allocator variables as they were before, so
+`environment_as_started` can give a child process (another framework's side of a benchmark)
+the allocator its user started with.
 
 Example (a CPU host with jemalloc installed)::
 
@@ -51,6 +61,7 @@ from __future__ import annotations
 import ctypes.util
 import dataclasses
 import glob
+import json
 import os
 import sys
 from typing import Mapping
@@ -59,8 +70,15 @@ from t5lite.errors import UserError
 
 CHOICE = "T5LITE_MALLOC"
 CHOSEN = "T5LITE_MALLOC_CHOSEN"
-CHOICES = ("auto", "jemalloc", "hugepages", "system")
+STARTED_WITH = "T5LITE_MALLOC_STARTED_WITH"  # what the re-exec changed, as it was before
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF")
+CHOICES = ("auto", "jemalloc", "retain", "hugepages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
+# glibc keeping what it frees: no mmap'd chunks (munmap gives pages back), no trimming of the
+# heap's top, one arena (a buffer freed by one thread is reused by the next, whichever it is)
+RETAIN_TUNABLES = {"glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(1 << 44),
+                   "glibc.malloc.arena_max": "1"}
+MIN_GLIBC_TUNABLES = (2, 26)
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -134,6 +152,7 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
     if any(lib in preloaded for lib in USER_ALLOCATORS) or TUNABLE in tunables:
         return None  # the user's own choice
     hugepages_possible = glibc is not None and glibc >= MIN_GLIBC
+    retain_possible = glibc is not None and glibc >= MIN_GLIBC_TUNABLES
     if choice == "jemalloc" and not jemalloc:
         raise UserError(f"{CHOICE}=jemalloc but no libjemalloc.so.2 is installed (looked in "
                         f"{', '.join(JEMALLOC_PATHS)}); install it (Debian/Ubuntu: `apt-get "
@@ -141,19 +160,60 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
     if choice == "hugepages" and not hugepages_possible:
         raise UserError(f"{CHOICE}=hugepages needs glibc >= 2.35 (this C library: "
                         f"{'glibc %d.%d' % glibc if glibc else 'not glibc'}); unset {CHOICE}.")
+    if choice == "retain" and not retain_possible:
+        raise UserError(f"{CHOICE}=retain needs glibc >= 2.26 (this C library: "
+                        f"{'glibc %d.%d' % glibc if glibc else 'not glibc'}); unset {CHOICE}.")
+    huge = hugepages_possible and thp_mode == "madvise"  # where the tunable helps
     env = dict(environ)
     if choice == "jemalloc" or (choice == "auto" and jemalloc and not accelerator):
         env["LD_PRELOAD"] = f"{jemalloc}:{preloaded}" if preloaded else str(jemalloc)
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
         name = "jemalloc"
-    elif choice == "hugepages" or (choice == "auto" and hugepages_possible
-                                   and thp_mode == "madvise"):
-        env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    elif choice == "retain":
+        ours = {**RETAIN_TUNABLES, **({TUNABLE: "1"} if huge else {})}
+        env["GLIBC_TUNABLES"] = with_tunables(tunables, ours)
+        name = "retain"
+    elif choice == "hugepages" or (choice == "auto" and huge):
+        env["GLIBC_TUNABLES"] = with_tunables(tunables, {TUNABLE: "1"})
         name = "hugepages"
     else:
         return None
     env[CHOSEN] = name
+    env[STARTED_WITH] = json.dumps({k: environ.get(k) for k in ALLOCATOR_VARIABLES})
     return MallocPlan(name, env)
+
+
+def environment_as_started(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with the allocator variables as they were before t5lite's re-exec (and no
+    `T5LITE_MALLOC_CHOSEN`): the environment for a child process that should run with the
+    allocator its user gave it, e.g. another framework's side of a benchmark.
+
+    >>> plan = malloc_plan({"PATH": "/bin"}, thp_mode="madvise", glibc=(2, 36), jemalloc=None,
+    ...                    accelerator=True)
+    >>> plan.env["GLIBC_TUNABLES"], environment_as_started(plan.env)
+    ('glibc.malloc.hugetlb=1', {'PATH': '/bin'})
+    """
+    env = {k: v for k, v in environ.items() if k not in (CHOSEN, STARTED_WITH)}
+    saved = environ.get(STARTED_WITH)
+    if saved:
+        for name, value in json.loads(saved).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+    return env
+
+
+def with_tunables(tunables: str, ours: Mapping[str, str]) -> str:
+    """`GLIBC_TUNABLES` with `ours` added, the user's own settings of the same names kept.
+
+    >>> with_tunables("glibc.malloc.arena_max=4", {"glibc.malloc.arena_max": "1",
+    ...                                            "glibc.malloc.mmap_max": "0"})
+    'glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0'
+    """
+    given = [t for t in tunables.split(":") if t]
+    names = {t.split("=", 1)[0] for t in given}
+    return ":".join(given + [f"{k}={v}" for k, v in ours.items() if k not in names])
 
 
 def is_t5lite_command(orig_argv: list[str]) -> bool:

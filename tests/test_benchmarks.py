@@ -93,6 +93,45 @@ def test_vs_transformers_train_and_decode_one_step():
     assert both_bf16["new_tokens"] == [4, 4]
 
 
+def test_vs_transformers_train_with_transformers_in_its_own_process(monkeypatch):
+    """--transformers_process=separate: transformers' steps run in a worker process, which gets
+    the allocator environment the benchmark was started with, not t5lite's re-exec choice."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_reference import HFTrainStepProcess, random_batch
+    from vs_transformers import compare_train
+
+    from t5lite import host_malloc
+
+    # as after a re-exec that added glibc's huge pages to an environment without the tunable
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.setenv(host_malloc.CHOSEN, "hugepages")
+    monkeypatch.setenv(host_malloc.STARTED_WITH, json.dumps(
+        {"LD_PRELOAD": None, "GLIBC_TUNABLES": None, "MALLOC_CONF": None}))
+    quiet = lambda *a, **k: None  # noqa: E731
+    train = compare_train(TINY, batch_size=2, inputs_length=16, targets_length=8, steps=2,
+                          warmup=1, threads=1, mesh=_single_mesh(), log=quiet,
+                          transformers_process="separate")
+    assert train["transformers_process"] == "separate"
+    assert len(train["transformers_step_times_s"]) == 2
+    assert all(t > 0 for t in train["transformers_step_times_s"])
+    assert train["transformers_allocator_env"]["GLIBC_TUNABLES"] == ""
+    assert train["transformers_params"] > 0
+
+    worker = HFTrainStepProcess(TINY, random_batch(2, 16, 8, TINY.vocab_size), threads=1)
+    try:
+        assert worker.worker_pid != os.getpid()
+        assert worker.worker_env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # env inherited
+        assert len(worker.time(1)) == 1
+    finally:
+        worker.close()
+    assert worker.proc.returncode == 0
+    # a model transformers cannot build fails in the worker: one clear error here
+    with pytest.raises(RuntimeError, match="worker exited"):
+        HFTrainStepProcess(TINY.replace(position_scheme="rope"),
+                           random_batch(2, 16, 8, TINY.vocab_size), threads=1)
+
+
 def test_cross_attention_ab_times_both_forms():
     """The A/B bench decodes with both cross-attention forms; in float32 they agree."""
     from cross_attention_ab import compare_forms
@@ -309,9 +348,12 @@ def test_allocator_ab_environment_and_bad_input(tmp_path):
     assert "LD_PRELOAD" not in allocator_env(None, "")
     for env in (jemalloc, allocator_env(None, "")):  # neither re-execs with huge pages
         assert env["T5LITE_MALLOC"] == "system" and "GLIBC_TUNABLES" not in env
-    hugepages = allocator_env(None, "", hugepages=True)
+    hugepages = allocator_env(None, "", tunables={"glibc.malloc.hugetlb": "1"})
     assert hugepages["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert "LD_PRELOAD" not in hugepages
+    retain = allocator_env(None, "", tunables={"glibc.malloc.mmap_max": "0",
+                                               "glibc.malloc.arena_max": "1"})
+    assert retain["GLIBC_TUNABLES"] == "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1"
     script = os.path.join(ROOT, "benchmarks", "allocator_ab.py")
     for bad in (["--preload", str(tmp_path / "missing.so")], ["--rounds=0"]):
         proc = subprocess.run([sys.executable, script, *bad, "--out", str(tmp_path / "o.json")],
@@ -336,8 +378,8 @@ def test_allocator_ab_runs_train_step_per_allocator(tmp_path):
                    "--inputs_length=16 --targets_length=8 --steps=1 --warmup=0 "
                    "--gin=ModelConfig.num_encoder_layers=1 --gin=ModelConfig.num_decoder_layers=1"])
     assert json.loads(out.read_text())["speedup"] == pytest.approx(result["speedup"])
-    assert set(result["speedup"]) == {"default", "hugepages", "preloaded"}
-    for name in ("default", "hugepages", "preloaded"):
+    assert set(result["speedup"]) == {"default", "hugepages", "retain", "preloaded"}
+    for name in ("default", "hugepages", "retain", "preloaded"):
         run = result["runs"][name][0]
         assert run["step_s"] > 0 and run["minor_faults"] > 0 and run["max_rss_mib"] > 10
 

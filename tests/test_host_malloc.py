@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,21 +32,39 @@ def test_auto_prefers_jemalloc_on_cpu_hosts_then_glibc_huge_pages():
     p = plan({"PATH": "/bin"})
     assert p.name == "jemalloc"
     assert p.env == {"PATH": "/bin", "LD_PRELOAD": LIB, "MALLOC_CONF": hm.JEMALLOC_CONF,
-                     hm.CHOSEN: "jemalloc"}
+                     hm.CHOSEN: "jemalloc", hm.STARTED_WITH: json.dumps(
+                         {"LD_PRELOAD": None, "GLIBC_TUNABLES": None, "MALLOC_CONF": None})}
+    assert hm.environment_as_started(p.env) == {"PATH": "/bin"}
     p = plan({"LD_PRELOAD": "/opt/libfoo.so", "MALLOC_CONF": "narenas:2"})
     assert p.env["LD_PRELOAD"] == f"{LIB}:/opt/libfoo.so"
     assert p.env["MALLOC_CONF"] == "narenas:2"  # the user's
+    assert hm.environment_as_started(p.env) == {"LD_PRELOAD": "/opt/libfoo.so",
+                                                "MALLOC_CONF": "narenas:2"}
     for no_jemalloc in ({"jemalloc": None}, {"accelerator": True}):
         p = plan({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **no_jemalloc)
         assert p.name == "hugepages" and "LD_PRELOAD" not in p.env
         assert p.env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
         assert p.env[hm.CHOSEN] == "hugepages"
+        assert hm.environment_as_started(p.env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     for thp, glibc in (("always", (2, 36)),   # the kernel already gives huge pages
                        ("never", (2, 36)),    # it cannot
                        (None, (2, 36)),       # no THP at all
                        ("madvise", (2, 34)),  # glibc without the tunable
                        ("madvise", None)):    # not glibc
         assert plan({}, thp=thp, glibc=glibc, jemalloc=None) is None
+
+
+def test_retain_is_chosen_by_name_and_keeps_the_users_tunables():
+    """`retain` (never picked by auto: its resident set can grow past the step's peak)."""
+    p = plan({hm.CHOICE: "retain", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert p.name == "retain" and "LD_PRELOAD" not in p.env and p.env[hm.CHOSEN] == "retain"
+    assert p.env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                                       f"glibc.malloc.trim_threshold={1 << 44}:"
+                                       "glibc.malloc.hugetlb=1")
+    assert hm.environment_as_started(p.env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+                                                hm.CHOICE: "retain"}
+    p = plan({hm.CHOICE: "retain"}, thp="always", glibc=(2, 31))  # no huge-page tunable there
+    assert p.name == "retain" and "hugetlb" not in p.env["GLIBC_TUNABLES"]
 
 
 def test_the_users_choice_and_a_finished_reexec_are_kept():
@@ -57,17 +76,22 @@ def test_the_users_choice_and_a_finished_reexec_are_kept():
     assert plan({hm.CHOICE: " JEMALLOC "}).name == "jemalloc"
     assert plan({hm.CHOICE: "jemalloc"}, accelerator=True).name == "jemalloc"
     assert plan({hm.CHOICE: "hugepages"}, thp="always").name == "hugepages"
+    assert plan({hm.CHOICE: "retain"}, accelerator=True).name == "retain"
+    assert plan({hm.CHOICE: "retain"}).name == "retain"  # even where jemalloc is installed
 
 
 def test_bad_choices_are_refused_with_what_to_do():
     with pytest.raises(UserError, match=r"T5LITE_MALLOC='tcmalloc' is not one of auto, "
-                                        r"jemalloc, hugepages, system"):
+                                        r"jemalloc, retain, hugepages, system"):
         plan({hm.CHOICE: "tcmalloc"})
     with pytest.raises(UserError, match="no libjemalloc.so.2 is installed.*apt-get install "
                                         "libjemalloc2"):
         plan({hm.CHOICE: "jemalloc"}, jemalloc=None)
     with pytest.raises(UserError, match="needs glibc >= 2.35 \\(this C library: glibc 2.31\\)"):
         plan({hm.CHOICE: "hugepages"}, glibc=(2, 31))
+    with pytest.raises(UserError, match="retain needs glibc >= 2.26 \\(this C library: not "
+                                        "glibc\\)"):
+        plan({hm.CHOICE: "retain"}, glibc=None)
 
 
 def test_the_t5lite_command_is_recognised_from_the_interpreter_command_line():
@@ -90,7 +114,8 @@ def test_transparent_hugepage_mode_reads_the_bracketed_word(tmp_path):
     assert hm.transparent_hugepage_mode(str(tmp_path / "missing")) is None
 
 
-# Allocates and touches 64 MiB through malloc; prints what the process runs with.
+# Allocates and touches 64 MiB through malloc, then frees it; prints what the process runs
+# with as key=value words.
 _PROBE = r"""
 import ctypes, os, sys
 from t5lite.host_malloc import reexec_with_chosen_malloc
@@ -98,23 +123,30 @@ print("image", os.getpid(), flush=True)
 reexec_with_chosen_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def status(key, path="/proc/self/status"):
+    with open(path) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 size = 64 << 20
-ctypes.memset(libc.malloc(size), 1, size)
-huge_kb = 0
-with open("/proc/self/smaps_rollup") as f:
-    for line in f:
-        if line.startswith("AnonHugePages:"):
-            huge_kb = int(line.split()[1])
+buf = libc.malloc(size)
+ctypes.memset(buf, 1, size)
+huge_kb = status("AnonHugePages", "/proc/self/smaps_rollup")
+rss_kb = status("VmRSS")
+libc.free(buf)
+kept_kb = status("VmRSS") - (rss_kb - (size >> 10))  # of the buffer, still resident after free
 jemalloc = "libjemalloc" in open("/proc/self/maps").read()
-print("chosen", os.environ.get("T5LITE_MALLOC_CHOSEN"), "jemalloc_mapped", jemalloc,
-      "argv", sys.argv[1:], "huge_kb", huge_kb)
+print(f"chosen={os.environ.get('T5LITE_MALLOC_CHOSEN')} jemalloc_mapped={jemalloc} "
+      f"argv={'|'.join(sys.argv[1:])} huge_kb={huge_kb} kept_kb={kept_kb} "
+      f"tunables={os.environ.get('GLIBC_TUNABLES', '')}")
 """
 
 
-def _probe(extra_env: dict[str, str]) -> tuple[int, list[str]]:
-    """(number of process images, words of the final line) of the probe run with `extra_env`."""
+def _probe(extra_env: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """(number of process images, key=value words of the final line) of the probe run with
+    `extra_env`."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", hm.CHOICE, hm.CHOSEN)}
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", hm.CHOICE, hm.CHOSEN,
+                        hm.STARTED_WITH)}
     env.update(extra_env, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", _PROBE, "a", "--b=c"], env=env,
                           capture_output=True, text=True, timeout=60)
@@ -122,28 +154,42 @@ def _probe(extra_env: dict[str, str]) -> tuple[int, list[str]]:
     lines = proc.stdout.splitlines()
     images = {line for line in lines if line.startswith("image")}
     assert len(images) == 1  # one PID, whether or not it re-executed
-    return sum(line.startswith("image") for line in lines), lines[-1].split()
+    words = dict(word.split("=", 1) for word in lines[-1].split())
+    return sum(line.startswith("image") for line in lines), words
 
 
 @needs_madvise_thp
 def test_reexec_with_glibc_huge_pages_keeps_pid_and_argv():
     images, words = _probe({hm.CHOICE: "hugepages"})
-    assert images == 2 and words[1] == "hugepages" and words[3] == "False"
-    assert "['a', '--b=c']" in " ".join(words)
-    assert int(words[-1]) >= 32 << 10  # most of the 64 MiB buffer sits on 2 MiB pages
+    assert images == 2 and words["chosen"] == "hugepages" and words["jemalloc_mapped"] == "False"
+    assert words["argv"] == "a|--b=c"
+    assert int(words["huge_kb"]) >= 32 << 10  # most of the 64 MiB buffer sits on 2 MiB pages
 
     images, words = _probe({hm.CHOICE: "system"})  # as started: one image, 4 KiB pages
-    assert images == 1 and words[1] == "None" and int(words[-1]) < 32 << 10
+    assert images == 1 and words["chosen"] == "None" and int(words["huge_kb"]) < 32 << 10
+
+
+def test_reexec_with_glibc_retaining_what_it_frees():
+    """`retain`: a freed 64 MiB buffer stays in the process (glibc as it comes gives it back to
+    the kernel with munmap)."""
+    if (hm.glibc_version() or (0, 0)) < hm.MIN_GLIBC_TUNABLES:
+        pytest.skip("needs glibc >= 2.26")
+    images, words = _probe({hm.CHOICE: "retain"})
+    assert images == 2 and words["chosen"] == "retain" and words["argv"] == "a|--b=c"
+    assert "glibc.malloc.mmap_max=0" in words["tunables"]
+    assert int(words["kept_kb"]) >= 60 << 10
+    images, words = _probe({hm.CHOICE: "system"})
+    assert images == 1 and int(words["kept_kb"]) < 4 << 10
 
 
 @needs_jemalloc
 def test_reexec_with_jemalloc_where_installed():
     images, words = _probe({})  # auto, on this CPU host
     expected = "hugepages" if hm.has_accelerator() else "jemalloc"
-    assert images == 2 and words[1] == expected
-    assert words[3] == str(expected == "jemalloc")
+    assert images == 2 and words["chosen"] == expected
+    assert words["jemalloc_mapped"] == str(expected == "jemalloc")
     images, words = _probe({hm.CHOICE: "jemalloc"})
-    assert images == 2 and words[1:4] == ["jemalloc", "jemalloc_mapped", "True"]
+    assert images == 2 and words["chosen"] == "jemalloc" and words["jemalloc_mapped"] == "True"
 
 
 def test_t5lite_entry_reexecutes_a_library_call_does_not_and_bad_choices_exit_2():
@@ -167,5 +213,5 @@ def test_t5lite_entry_reexecutes_a_library_call_does_not_and_bad_choices_exit_2(
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: T5LITE_MALLOC='fast' is not one of auto, jemalloc, hugepages, system; "
+        "error: T5LITE_MALLOC='fast' is not one of auto, jemalloc, retain, hugepages, system; "
         "unset it for the default (auto)."]
