@@ -22,7 +22,7 @@ if __name__ == "__main__":  # run as the train worker: t5lite (for ModelConfig) 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from t5lite.config import ModelConfig  # noqa: E402
-from t5lite.host_malloc import ALLOCATOR_VARIABLES  # noqa: E402
+from t5lite.host_malloc import allocator_variables  # noqa: E402
 
 WORKER_PREFIX = "@@hf-train-worker "
 
@@ -186,8 +186,8 @@ def train_worker(spec_path: str) -> None:
         spec = pickle.load(f)
     step = HFTrainStep(spec["cfg"], spec["batch"], threads=spec["threads"], seed=spec["seed"],
                        autocast=spec["autocast"])
-    env = {k: os.environ.get(k, "") for k in ALLOCATOR_VARIABLES}
-    ready = {"num_params": step.num_params, "env": env, "pid": os.getpid()}
+    ready = {"num_params": step.num_params, "env": allocator_variables(os.environ),
+             "pid": os.getpid()}
     print(WORKER_PREFIX + json.dumps(ready), flush=True)
     for line in sys.stdin:
         print(WORKER_PREFIX + json.dumps({"times": step.time(int(line))}), flush=True)

@@ -52,7 +52,7 @@ from train_step import (TrainStepBench, adamw_config, machine, write_result,  # 
                         model_config_from_gin, synthetic_batch)
 
 from t5lite.config import ModelConfig  # noqa: E402
-from t5lite.host_malloc import ALLOCATOR_VARIABLES, environment_as_started  # noqa: E402
+from t5lite.host_malloc import allocator_variables, environment_as_started  # noqa: E402
 from t5lite.train.losses import LossConfig  # noqa: E402
 
 
@@ -101,8 +101,7 @@ def compare_train(cfg: ModelConfig, *, batch_size: int, inputs_length: int, targ
         "transformers_dtype": transformers_dtype,
         "transformers_process": transformers_process,
         "transformers_allocator_env": (theirs.worker_env if transformers_process == "separate"
-                                       else {k: os.environ.get(k, "")
-                                             for k in ALLOCATOR_VARIABLES}),
+                                       else allocator_variables(os.environ)),
         "t5lite_model_flops_per_s": ours.model_flops / ours_s,
         "transformers_model_flops_per_s": ours.model_flops / theirs_s,
         "t5lite_last_loss": ours.last_loss,

@@ -40,8 +40,8 @@ chooses:
 | `system` | whatever the process started with: no re-exec |
 
 A preloaded allocator the user chose (`LD_PRELOAD` naming jemalloc, tcmalloc or mimalloc) or a
-`glibc.malloc.hugetlb` tunable already set is kept as it is, and so is a `MALLOC_CONF` of the
-user's. The re-executed process carries `T5LITE_MALLOC_CHOSEN` (which one it got), which also
+`glibc.malloc.hugetlb` tunable already set is kept as it is (`retain` adds its own tunables
+beside it), and so is a `MALLOC_CONF` of the user's. The re-executed process carries `T5LITE_MALLOC_CHOSEN` (which one it got), which also
 keeps it, and every process it starts, from re-executing again.
 It also carries `T5LITE_MALLOC_STARTED_WITH`, the allocator variables as they were before, so
 `environment_as_started` can give a child process (another framework's side of a benchmark)
@@ -149,8 +149,10 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
         return None
     preloaded = environ.get("LD_PRELOAD", "")
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(lib in preloaded for lib in USER_ALLOCATORS) or TUNABLE in tunables:
-        return None  # the user's own choice
+    if any(lib in preloaded for lib in USER_ALLOCATORS):
+        return None  # the user's own allocator
+    if TUNABLE in tunables and choice != "retain":
+        return None  # the user's own huge-page setting (`retain` adds its tunables beside it)
     hugepages_possible = glibc is not None and glibc >= MIN_GLIBC
     retain_possible = glibc is not None and glibc >= MIN_GLIBC_TUNABLES
     if choice == "jemalloc" and not jemalloc:
@@ -181,6 +183,11 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
     env[CHOSEN] = name
     env[STARTED_WITH] = json.dumps({k: environ.get(k) for k in ALLOCATOR_VARIABLES})
     return MallocPlan(name, env)
+
+
+def allocator_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that choose a process's allocator, "" where unset (for benchmark records)."""
+    return {k: environ.get(k, "") for k in ALLOCATOR_VARIABLES}
 
 
 def environment_as_started(environ: Mapping[str, str]) -> dict[str, str]:

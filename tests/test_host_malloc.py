@@ -63,6 +63,11 @@ def test_retain_is_chosen_by_name_and_keeps_the_users_tunables():
                                        "glibc.malloc.hugetlb=1")
     assert hm.environment_as_started(p.env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
                                                 hm.CHOICE: "retain"}
+    # the user's own huge-page setting stays, and retain's tunables go beside it
+    p = plan({hm.CHOICE: "retain", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert p.env["GLIBC_TUNABLES"] == ("glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:"
+                                       f"glibc.malloc.trim_threshold={1 << 44}:"
+                                       "glibc.malloc.arena_max=1")
     p = plan({hm.CHOICE: "retain"}, thp="always", glibc=(2, 31))  # no huge-page tunable there
     assert p.name == "retain" and "hugetlb" not in p.env["GLIBC_TUNABLES"]
 
