@@ -2,17 +2,19 @@
 
     python benchmarks/allocator_ab.py --rounds=2                        # finds libjemalloc.so.2
     python benchmarks/allocator_ab.py --preload=/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4
-    python benchmarks/allocator_ab.py --preload=none                    # the first two only
+    python benchmarks/allocator_ab.py --preload=none                    # no preloaded variant
 
 XLA:CPU allocates its large step buffers fresh on every step; with glibc's malloc they are
 `mmap`ed and returned, so the kernel zero-fills every page again (millions of minor page faults
-per step, see the README's CPU notes). Three ways around it, one fresh process each (the
+per step, see the README's CPU notes). Four ways around it, one fresh process each (the
 allocator must be chosen before Python starts), alternating in every round:
 
 - `default`: glibc as it comes (`T5LITE_MALLOC=system`, so train_step.py does not re-exec);
 - `hugepages`: glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`;
 - `retain`: glibc keeping what it frees (`host_malloc.RETAIN_TUNABLES`: no mmap'd chunks, no
   trimming, one arena), with the huge-page tunable too, as `T5LITE_MALLOC=retain` sets them;
+- `blockcache`: t5lite's block cache (`t5lite/native/block_cache.c`, built here with the C
+  compiler; `T5LITE_MALLOC=blockcache`), left out where it cannot be built;
 - `preloaded`: a caching allocator that keeps freed memory (jemalloc with
   `dirty_decay_ms:-1,muzzy_decay_ms:-1`, the default `--malloc_conf`), at the price of a larger
   resident set; left out when none is installed and `--preload` is not given.
@@ -39,9 +41,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from t5lite.errors import UserError  # noqa: E402
 from t5lite.host_malloc import (  # noqa: E402  (no JAX import)
     CHOICE, JEMALLOC_CONF as DEFAULT_MALLOC_CONF, JEMALLOC_PATHS, RETAIN_TUNABLES, TUNABLE,
     with_tunables)
+from t5lite.native import block_cache_library  # noqa: E402
 
 CANDIDATES = (*JEMALLOC_PATHS, "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
               "/usr/lib64/libtcmalloc.so.4")
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {"default": allocator_env(None, ""),
                 "hugepages": allocator_env(None, "", tunables={TUNABLE: "1"}),
                 "retain": allocator_env(None, "", tunables={**RETAIN_TUNABLES, TUNABLE: "1"})}
+    try:
+        variants["blockcache"] = allocator_env(block_cache_library(), "")
+    except UserError as e:
+        print(f"no block cache variant: {e}", flush=True)
     if preload:
         variants["preloaded"] = allocator_env(preload, args.malloc_conf)
     runs: dict[str, list[dict]] = {name: [] for name in variants}

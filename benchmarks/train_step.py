@@ -269,7 +269,9 @@ def machine() -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2),
             "host": platform.platform(), "jax": jax.__version__,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", "")}
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            # which T5LITE_MALLOC choice the re-exec made ("" where none: as started)
+            "malloc_chosen": os.environ.get("T5LITE_MALLOC_CHOSEN", "")}
 
 
 def run(model_config: ModelConfig, *, batch_size: int, inputs_length: int, targets_length: int,

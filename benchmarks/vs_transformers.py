@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = cfg.replace(dtype=args.dtype)
     where = machine()
     print(f"{files[-1]} t5lite dtype={cfg.dtype}; {where['cpu_model']}, {where['cpus']} CPUs, "
-          f"load average {where['load_average_1min']}, torch threads {args.threads}", flush=True)
+          f"load average {where['load_average_1min']}, torch threads {args.threads}, t5lite's "
+          f"allocator {where['malloc_chosen'] or 'as started'}", flush=True)
     if where["load_average_1min"] > 1.0:
         print("warning: the machine is busy; PyTorch's threads slow down far more than XLA's "
               "under contention, so the ratios below are not comparable to an idle run",

@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: `main(["t5lite", verb, *flags])`.
 
     Run as a program (`argv` None), it first re-executes itself with the host memory
-    allocator `T5LITE_MALLOC` asks for (`t5lite.host_malloc`: jemalloc or glibc's huge pages by
-    default where they help; `T5LITE_MALLOC=system` keeps the process as started).
+    allocator `T5LITE_MALLOC` asks for (`t5lite.host_malloc`: jemalloc, t5lite's block cache or
+    glibc's huge pages by default where they help; `T5LITE_MALLOC=system` keeps the process as
+    started).
     """
     if argv is None:
         from t5lite.host_malloc import reexec_with_chosen_malloc

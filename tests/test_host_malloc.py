@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from t5lite import host_malloc as hm
+from t5lite import native
 from t5lite.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +22,45 @@ needs_madvise_thp = pytest.mark.skipif(
 needs_jemalloc = pytest.mark.skipif(
     JEMALLOC is None, reason="libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")
 LIB = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+BLOCK_CACHE_BUILDS = (sys.platform.startswith("linux") and hm.glibc_version() is not None
+                      and native.c_compiler() is not None)
 
 
-def plan(environ, thp="madvise", glibc=(2, 36), jemalloc=LIB, accelerator=False):
+def plan(environ, thp="madvise", glibc=(2, 36), jemalloc=LIB, accelerator=False,
+         block_cache=None):
     return hm.malloc_plan(environ, thp_mode=thp, glibc=glibc, jemalloc=jemalloc,
-                          accelerator=accelerator)
+                          accelerator=accelerator, block_cache=block_cache)
+
+
+def test_auto_takes_the_block_cache_where_jemalloc_is_missing_and_it_builds():
+    built = "/cache/t5lite/native/block_cache-0123456789abcdef-x86_64.so"
+    calls = []
+
+    def builder():
+        calls.append(1)
+        return built
+
+    def no_compiler():
+        raise UserError("building t5lite's block cache needs a C compiler")
+
+    p = plan({"LD_PRELOAD": "/opt/libfoo.so"}, jemalloc=None, block_cache=builder)
+    assert p.name == "blockcache" and p.env[hm.CHOSEN] == "blockcache"
+    assert p.env["LD_PRELOAD"] == f"{built}:/opt/libfoo.so" and "GLIBC_TUNABLES" not in p.env
+    assert hm.environment_as_started(p.env) == {"LD_PRELOAD": "/opt/libfoo.so"}
+    # jemalloc first; an accelerator host keeps glibc's huge pages: the builder is not called
+    assert plan({}, block_cache=builder).name == "jemalloc"
+    assert plan({}, jemalloc=None, accelerator=True, block_cache=builder).name == "hugepages"
+    assert plan({}, jemalloc=None, glibc=None, block_cache=builder) is None  # not glibc
+    assert len(calls) == 1
+    # no compiler: auto falls back; by name it is one clear error
+    assert plan({}, jemalloc=None, block_cache=no_compiler).name == "hugepages"
+    assert plan({hm.CHOICE: "blockcache"}, block_cache=builder).name == "blockcache"
+    with pytest.raises(UserError, match="needs a C compiler"):
+        plan({hm.CHOICE: "blockcache"}, block_cache=no_compiler)
+    with pytest.raises(UserError, match="blockcache needs Linux with glibc"):
+        plan({hm.CHOICE: "blockcache"}, glibc=None, block_cache=builder)
+    # the user's own preload of it (or of another allocator) is kept as it is
+    assert plan({"LD_PRELOAD": built}, jemalloc=None, block_cache=builder) is None
 
 
 def test_auto_prefers_jemalloc_on_cpu_hosts_then_glibc_huge_pages():
@@ -87,7 +122,7 @@ def test_the_users_choice_and_a_finished_reexec_are_kept():
 
 def test_bad_choices_are_refused_with_what_to_do():
     with pytest.raises(UserError, match=r"T5LITE_MALLOC='tcmalloc' is not one of auto, "
-                                        r"jemalloc, retain, hugepages, system"):
+                                        r"jemalloc, blockcache, retain, hugepages, system"):
         plan({hm.CHOICE: "tcmalloc"})
     with pytest.raises(UserError, match="no libjemalloc.so.2 is installed.*apt-get install "
                                         "libjemalloc2"):
@@ -139,8 +174,10 @@ huge_kb = status("AnonHugePages", "/proc/self/smaps_rollup")
 rss_kb = status("VmRSS")
 libc.free(buf)
 kept_kb = status("VmRSS") - (rss_kb - (size >> 10))  # of the buffer, still resident after free
-jemalloc = "libjemalloc" in open("/proc/self/maps").read()
+maps = open("/proc/self/maps").read()
+jemalloc = "libjemalloc" in maps
 print(f"chosen={os.environ.get('T5LITE_MALLOC_CHOSEN')} jemalloc_mapped={jemalloc} "
+      f"block_cache_mapped={'/block_cache-' in maps} "
       f"argv={'|'.join(sys.argv[1:])} huge_kb={huge_kb} kept_kb={kept_kb} "
       f"tunables={os.environ.get('GLIBC_TUNABLES', '')}")
 """
@@ -187,6 +224,21 @@ def test_reexec_with_glibc_retaining_what_it_frees():
     assert images == 1 and int(words["kept_kb"]) < 4 << 10
 
 
+@pytest.mark.skipif(not BLOCK_CACHE_BUILDS, reason="needs Linux, glibc and a C compiler")
+def test_reexec_with_the_block_cache(tmp_path):
+    """`blockcache`: built on first use into T5LITE_NATIVE_DIR, preloaded by the re-exec; a
+    freed 64 MiB buffer stays in the process."""
+    images, words = _probe({hm.CHOICE: "blockcache", "T5LITE_NATIVE_DIR": str(tmp_path)})
+    assert images == 2 and words["chosen"] == "blockcache" and words["argv"] == "a|--b=c"
+    assert words["block_cache_mapped"] == "True" and words["jemalloc_mapped"] == "False"
+    assert int(words["kept_kb"]) >= 60 << 10
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".so")] == [
+        os.path.basename(native.library_path(str(tmp_path)))]
+    if not JEMALLOC and not hm.has_accelerator():  # what auto takes on this host
+        images, words = _probe({"T5LITE_NATIVE_DIR": str(tmp_path)})
+        assert images == 2 and words["chosen"] == "blockcache"
+
+
 @needs_jemalloc
 def test_reexec_with_jemalloc_where_installed():
     images, words = _probe({})  # auto, on this CPU host
@@ -207,6 +259,8 @@ def test_t5lite_entry_reexecutes_a_library_call_does_not_and_bad_choices_exit_2(
     expected = "None"
     if JEMALLOC and not hm.has_accelerator():
         expected = "jemalloc"
+    elif BLOCK_CACHE_BUILDS and not hm.has_accelerator():
+        expected = "blockcache"
     elif HUGEPAGES_HELP:
         expected = "hugepages"
     for call, chosen in (("", expected), ("sys.argv", "None")):
@@ -218,5 +272,6 @@ def test_t5lite_entry_reexecutes_a_library_call_does_not_and_bad_choices_exit_2(
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: T5LITE_MALLOC='fast' is not one of auto, jemalloc, retain, hugepages, system; "
+        "error: T5LITE_MALLOC='fast' is not one of auto, jemalloc, blockcache, retain, "
+        "hugepages, system; "
         "unset it for the default (auto)."]
