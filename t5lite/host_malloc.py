@@ -49,11 +49,11 @@ chooses:
 | `system` | whatever the process started with: no re-exec |
 
 A preloaded allocator the user chose (`LD_PRELOAD` naming jemalloc, tcmalloc, mimalloc or
-t5lite's block cache) or a
-`glibc.malloc.hugetlb` tunable already set is kept as it is (`retain` adds its own tunables
-beside it), and so is a `MALLOC_CONF` of the user's. The re-executed process carries `T5LITE_MALLOC_CHOSEN` (which one it got), which also
-keeps it, and every process it starts, from re-executing again.
-It also carries `T5LITE_MALLOC_STARTED_WITH`, the allocator variables as they were before, so
+t5lite's block cache) or a `glibc.malloc.hugetlb` tunable already set is kept as it is (`retain`
+adds its own tunables beside it; `blockcache`, named, is preloaded beside it), and so is a
+`MALLOC_CONF` of the user's. The re-executed process carries `T5LITE_MALLOC_CHOSEN` (which one
+it got), which also keeps it, and every process it starts, from re-executing again. It also
+carries `T5LITE_MALLOC_STARTED_WITH`, the allocator variables as they were before, so
 `environment_as_started` can give a child process (another framework's side of a benchmark)
 the allocator its user started with.
 
@@ -167,8 +167,9 @@ def malloc_plan(environ: Mapping[str, str], *, thp_mode: str | None,
     tunables = environ.get("GLIBC_TUNABLES", "")
     if any(lib in preloaded for lib in USER_ALLOCATORS):
         return None  # the user's own allocator
-    if TUNABLE in tunables and choice != "retain":
-        return None  # the user's own huge-page setting (`retain` adds its tunables beside it)
+    if TUNABLE in tunables and choice not in ("retain", "blockcache"):
+        return None  # the user's own huge-page setting (`retain` adds its tunables beside it,
+        # `blockcache` by name preloads beside it)
     hugepages_possible = glibc is not None and glibc >= MIN_GLIBC
     retain_possible = glibc is not None and glibc >= MIN_GLIBC_TUNABLES
     if choice == "jemalloc" and not jemalloc:

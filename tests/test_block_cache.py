@@ -52,6 +52,11 @@ def test_a_failing_compiler_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-t5lite")
     with pytest.raises(UserError, match="needs a C compiler"):
         native.block_cache_library(str(tmp_path / "other"))
+    monkeypatch.delenv("CC")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made under a file
+    with pytest.raises(UserError, match="set T5LITE_NATIVE_DIR to a writable directory"):
+        native.block_cache_library(str(blocker / "native"))
 
 
 # malloc's contract, call by call, through ctypes; prints the cache's counters.

@@ -55,6 +55,11 @@ def test_auto_takes_the_block_cache_where_jemalloc_is_missing_and_it_builds():
     # no compiler: auto falls back; by name it is one clear error
     assert plan({}, jemalloc=None, block_cache=no_compiler).name == "hugepages"
     assert plan({hm.CHOICE: "blockcache"}, block_cache=builder).name == "blockcache"
+    named = plan({hm.CHOICE: "blockcache", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+                 block_cache=builder)  # by name, beside the user's own huge-page tunable
+    assert named.name == "blockcache" and named.env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert plan({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, jemalloc=None,
+                block_cache=builder) is None  # auto keeps the user's setting as it is
     with pytest.raises(UserError, match="needs a C compiler"):
         plan({hm.CHOICE: "blockcache"}, block_cache=no_compiler)
     with pytest.raises(UserError, match="blockcache needs Linux with glibc"):

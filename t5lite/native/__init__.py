@@ -75,9 +75,13 @@ def block_cache_library(directory: str | None = None) -> str:
     if compiler is None:
         raise UserError("building t5lite's block cache needs a C compiler (cc, gcc or clang; "
                         "Debian/Ubuntu: `apt-get install gcc`), or set $CC.")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-    os.close(fd)
+    try:  # e.g. a read-only home directory: say where, and how to move it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write t5lite's block cache into {os.path.dirname(path)} ({e}); "
+                        f"set T5LITE_NATIVE_DIR to a writable directory.") from e
     cmd = [*compiler.split(), *COMPILE_FLAGS, "-o", tmp, SOURCE, *LIBRARIES]
     try:
         # no allocator of ours in the compiler: it must not load the library it is building
